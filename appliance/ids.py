@@ -1,0 +1,46 @@
+"""Identifiers: time-sortable version and chunk ids, and upload ids.
+
+Version ids sort by creation time (DESIGN section 3) so the newest version of a key
+can be told from blob names alone, without the database.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def _encode(value: int, length: int) -> str:
+    chars = []
+    for _ in range(length):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def new_sortable_id(now_ms: int | None = None) -> str:
+    """Return a 26-character ULID-style id: 48-bit milliseconds then 80 random bits.
+
+    Ids made in different milliseconds sort by time; within one millisecond the order
+    is random, which callers must not rely on.
+    """
+    ms = int(time.time() * 1000) if now_ms is None else now_ms
+    if not 0 <= ms < 1 << 48:
+        raise ValueError("timestamp out of range for a sortable id")
+    rand = int.from_bytes(os.urandom(10), "big")
+    return _encode(ms, 10) + _encode(rand, 16)
+
+
+def sortable_id_time_ms(value: str) -> int:
+    """Return the millisecond timestamp embedded in ``value``; ValueError if malformed."""
+    if len(value) != 26:
+        raise ValueError(f"not a sortable id: {value!r}")
+    ms = 0
+    for ch in value[:10]:
+        idx = _CROCKFORD.find(ch)
+        if idx < 0:
+            raise ValueError(f"not a sortable id: {value!r}")
+        ms = (ms << 5) | idx
+    return ms

@@ -1,0 +1,335 @@
+"""The ``MetadataStore`` protocol: the one door to metadata (DESIGN section 5).
+
+Two implementations share one SQL core (``appliance.meta.sql``): SQLite, the embedded
+default, and PostgreSQL for several instances. Every method is one transaction: it
+either happens whole or not at all. Errors are those of ``appliance.meta.errors``;
+a database that cannot be reached raises ``StoreUnavailable``.
+
+Refcounts: a chunk's refcount is the number of chunk refs naming it. A change that
+takes it to zero queues the chunk on the ``gc`` queue (key ``chunk:<id>``) after the
+store's GC delay, in the same transaction.
+
+Quota: ``reserve`` is the guard against two writers filling the same space. The
+transaction that records a blob's location (``add_chunk``, ``add_location``) turns its
+reservation into usage, so ``used_bytes`` always counts the bytes present on a backend
+as far as the store knows; ``forget_location`` gives them back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Protocol
+
+from appliance.meta.backoff import Backoff
+from appliance.meta.models import (
+    BackendSpace,
+    BackendSpec,
+    Bucket,
+    ChunkPlacement,
+    ChunkRef,
+    CommitResult,
+    Credential,
+    ListPage,
+    Location,
+    MultipartUpload,
+    NewChunk,
+    ObjectVersion,
+    Part,
+    QueueItem,
+    Reservation,
+    UsageCounters,
+    UsageDelta,
+    VersionKind,
+)
+
+GC_QUEUE = "gc"
+"""Queue of chunks whose refcount reached zero; payload ``{"chunk_id": ...}``."""
+
+
+class LeaderLock(Protocol):
+    """A held singleton lock; ``release`` is idempotent."""
+
+    async def release(self) -> None: ...
+
+
+class MetadataStore(Protocol):
+    """Metadata for buckets, objects, chunks, quota, usage, queues and uploads."""
+
+    kind: str
+    """``"sqlite"`` or ``"postgres"``."""
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def open(self) -> None:
+        """Connect and apply pending migrations.
+
+        Raises ``SchemaTooNew`` for a database written by a newer Cairn, ``StoreLocked``
+        when another process holds an embedded database, ``StoreUnavailable`` otherwise.
+        """
+        ...
+
+    async def close(self) -> None: ...
+
+    async def schema_version(self) -> int: ...
+
+    # -- settings --------------------------------------------------------------------
+    async def get_setting(self, name: str) -> str | None: ...
+
+    async def set_setting(self, name: str, value: str) -> None: ...
+
+    async def setdefault_setting(self, name: str, value: str) -> str:
+        """Store ``value`` unless a value exists; return the stored one (race-free)."""
+        ...
+
+    # -- buckets and credentials -----------------------------------------------------
+    async def create_bucket(self, name: str) -> Bucket:
+        """Raises ``AlreadyExists``."""
+        ...
+
+    async def get_bucket(self, name: str) -> Bucket | None: ...
+
+    async def list_buckets(self) -> list[Bucket]: ...
+
+    async def delete_bucket(self, name: str) -> None:
+        """Raises ``NotFound``, or ``BucketNotEmpty`` while objects or uploads remain."""
+        ...
+
+    async def put_credential(self, credential: Credential) -> None:
+        """Create or replace a credential and its grants (idempotent)."""
+        ...
+
+    async def get_credential(self, access_key: str) -> Credential | None: ...
+
+    async def list_credentials(self) -> list[Credential]: ...
+
+    async def delete_credential(self, access_key: str) -> None:
+        """Idempotent."""
+        ...
+
+    # -- versions and objects --------------------------------------------------------
+    async def begin_version(
+        self,
+        version_id: str,
+        bucket: str,
+        key: str,
+        *,
+        kind: VersionKind = VersionKind.OBJECT,
+        headers: Mapping[str, str] | None = None,
+        user_metadata: Mapping[str, str] | None = None,
+    ) -> ObjectVersion:
+        """Record a new UPLOADING version. Raises ``NotFound`` (bucket), ``AlreadyExists``."""
+        ...
+
+    async def add_chunk(
+        self,
+        version_id: str,
+        ref: ChunkRef,
+        chunk: NewChunk,
+        locations: Sequence[tuple[Location, int | None]],
+    ) -> None:
+        """Record a newly written chunk, its ref in the version and its replicas.
+
+        Each location comes with the reservation that paid for it (or None); that
+        reservation becomes usage. Raises ``Conflict`` unless the version is UPLOADING
+        (the janitor may have aborted it): the caller then owns its blobs' cleanup.
+        """
+        ...
+
+    async def add_refs(self, version_id: str, refs: Sequence[ChunkRef]) -> None:
+        """Reference existing chunks from an UPLOADING version (copies, partial rewrites).
+
+        Raises ``Conflict`` if the version is not UPLOADING or a chunk is unreferenced
+        (refcount 0 chunks are on their way to deletion and cannot be revived).
+        """
+        ...
+
+    async def commit_version(
+        self,
+        version_id: str,
+        *,
+        size: int,
+        etag: str,
+        headers: Mapping[str, str] | None = None,
+        user_metadata: Mapping[str, str] | None = None,
+    ) -> CommitResult:
+        """Make an UPLOADING object version COMPLETE and current if it is the newest.
+
+        Of two versions of one key the one with the larger version id wins, whatever
+        order they commit in; the loser is dropped at once. Leftover reservations of
+        the version are released. Raises ``NotFound`` or ``Conflict`` (not UPLOADING).
+        """
+        ...
+
+    async def abort_version(self, version_id: str) -> tuple[str, ...]:
+        """Drop an UPLOADING version, its refs and reservations; idempotent.
+
+        Returns the chunk ids freed. Raises ``Conflict`` for a COMPLETE version.
+        """
+        ...
+
+    async def get_version(self, version_id: str) -> ObjectVersion | None: ...
+
+    async def get_current(self, bucket: str, key: str) -> ObjectVersion | None: ...
+
+    async def get_layout(self, version_id: str) -> list[ChunkPlacement]:
+        """Refs of a version in order, each with its chunk and replicas (one query)."""
+        ...
+
+    async def delete_object(self, bucket: str, key: str) -> str | None:
+        """Remove the current version of a key; return its id, or None if absent."""
+        ...
+
+    async def list_objects(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        delimiter: str | None = None,
+        start_after: str | None = None,
+        limit: int = 1000,
+    ) -> ListPage:
+        """List current objects in key order (UTF-8 byte order), grouping by delimiter.
+
+        ``start_after`` may be a key or a common prefix returned earlier; a common
+        prefix is skipped whole.
+        """
+        ...
+
+    async def list_stale_versions(self, older_than: datetime, limit: int = 100) -> list[str]:
+        """Ids of UPLOADING versions created before ``older_than`` (janitor input)."""
+        ...
+
+    # -- chunks and locations --------------------------------------------------------
+    async def add_location(self, location: Location, reservation_id: int | None) -> None:
+        """Record another replica of an existing chunk (replication); idempotent."""
+        ...
+
+    async def get_locations(self, chunk_id: str) -> list[Location]: ...
+
+    async def claim_garbage(self, chunk_id: str) -> list[Location] | None:
+        """Locations of a chunk if it is unreferenced (to delete), else None."""
+        ...
+
+    async def forget_location(self, chunk_id: str, backend: str) -> None:
+        """Drop a replica record after its blob was deleted, returning its bytes to the
+        backend's quota; drops the chunk when it has no refs and no replicas left.
+        Idempotent."""
+        ...
+
+    # -- quota -----------------------------------------------------------------------
+    async def sync_backends(self, specs: Sequence[BackendSpec]) -> None:
+        """Create or update quota rows from the configuration; usage is kept."""
+        ...
+
+    async def get_space(self) -> list[BackendSpace]: ...
+
+    async def reserve(self, backend: str, nbytes: int, *, owner: str) -> Reservation | None:
+        """Reserve ``nbytes`` on ``backend`` atomically; None when it would exceed quota.
+
+        Raises ``NotFound`` for an unknown backend.
+        """
+        ...
+
+    async def release_reservation(self, reservation_id: int) -> None:
+        """Give back an unused reservation (the blob write failed); idempotent."""
+        ...
+
+    async def release_stale_reservations(self, older_than: datetime) -> int:
+        """Release reservations made before ``older_than``; return how many."""
+        ...
+
+    # -- usage counters --------------------------------------------------------------
+    async def add_usage(self, deltas: Sequence[UsageDelta]) -> None: ...
+
+    async def get_usage(self, month: str) -> list[UsageCounters]: ...
+
+    # -- durable queues --------------------------------------------------------------
+    async def enqueue(
+        self,
+        queue: str,
+        payload: Mapping[str, object],
+        *,
+        key: str | None = None,
+        not_before: datetime | None = None,
+        max_attempts: int = 10,
+    ) -> int | None:
+        """Add an item; with a ``key`` an item already pending is kept (idempotent) and a
+        dead one is revived. Returns the new item's id, or None if one was kept."""
+        ...
+
+    async def claim(self, queue: str, *, limit: int = 10, lease_seconds: float = 300) -> list[QueueItem]:
+        """Take ready items whose time has come; each is hidden for ``lease_seconds``
+        and its ``attempts`` counts this claim. Items out of attempts go dead."""
+        ...
+
+    async def ack(self, item_id: int) -> None:
+        """The item is done: delete it. Idempotent."""
+        ...
+
+    async def retry_later(self, item_id: int, *, error: str, backoff: Backoff) -> bool:
+        """Record a failure; reschedule with backoff, or dead-letter after the last
+        attempt. Returns True if it will be retried."""
+        ...
+
+    async def list_dead(self, queue: str, limit: int = 100) -> list[QueueItem]: ...
+
+    async def revive(self, item_id: int) -> None:
+        """Put a dead item back to ready with its attempts reset."""
+        ...
+
+    async def queue_depth(self, queue: str) -> dict[str, int]:
+        """Count of items per state in ``queue``."""
+        ...
+
+    # -- multipart uploads -----------------------------------------------------------
+    async def create_upload(self, upload: MultipartUpload) -> None:
+        """Raises ``NotFound`` (bucket) or ``AlreadyExists``."""
+        ...
+
+    async def get_upload(self, upload_id: str) -> MultipartUpload | None: ...
+
+    async def list_uploads(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        key_marker: str | None = None,
+        upload_id_marker: str | None = None,
+        limit: int = 1000,
+    ) -> list[MultipartUpload]: ...
+
+    async def put_part(
+        self, upload_id: str, part_number: int, version_id: str, *, size: int, etag: str
+    ) -> None:
+        """Complete an UPLOADING part version and attach it, replacing any earlier
+        upload of that part number. Raises ``NotFound`` (upload) or ``Conflict``."""
+        ...
+
+    async def list_parts(
+        self, upload_id: str, *, marker: int = 0, limit: int = 1000
+    ) -> list[Part]: ...
+
+    async def complete_upload(
+        self,
+        upload_id: str,
+        version_id: str,
+        parts: Sequence[tuple[int, str]],
+        *,
+        etag: str,
+    ) -> CommitResult:
+        """Assemble the listed (part number, etag) pairs into a new current version by
+        reference only: no bytes move. Unlisted parts are dropped.
+
+        Raises ``NotFound`` (upload) or ``InvalidPart`` naming the first part that is
+        missing or whose etag differs.
+        """
+        ...
+
+    async def abort_upload(self, upload_id: str) -> None:
+        """Drop an upload and its parts; idempotent."""
+        ...
+
+    # -- singleton workers -----------------------------------------------------------
+    async def try_lock(self, name: str) -> LeaderLock | None:
+        """Take a named lock held until released or the process ends; None if taken."""
+        ...
