@@ -7,9 +7,10 @@ server); each test gets a schema of its own, dropped afterwards. With
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -99,3 +100,27 @@ async def store(store_factory: StoreFactory, clock: FakeClock) -> SqlMetadataSto
     made = store_factory(clock=clock, gc_delay=timedelta(seconds=60))
     await made.open()
     return made
+
+
+class _ErrorLogs(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def fail_on_error_logs(request: pytest.FixtureRequest) -> Iterator[None]:
+    """An unexpected ERROR log fails the test; mark ``allow_error_logs`` where expected."""
+    handler = _ErrorLogs()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+    if handler.records and request.node.get_closest_marker("allow_error_logs") is None:
+        lines = "\n".join(f"{r.name}: {r.getMessage()}" for r in handler.records[:5])
+        pytest.fail(f"unexpected ERROR logs:\n{lines}")

@@ -68,7 +68,9 @@ class _AdvisoryLock:
 
 
 def _lock_key(name: str) -> int:
-    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+    return int.from_bytes(
+        hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True
+    )
 
 
 class PostgresMetadataStore(SqlMetadataStore):

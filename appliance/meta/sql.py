@@ -159,6 +159,14 @@ class SqlMetadataStore(abc.ABC):
 
     # -- plumbing --------------------------------------------------------------------
     @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and migrate; see ``MetadataStore.open``."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections and locks; idempotent."""
+
+    @abc.abstractmethod
     def _transaction(self) -> AbstractAsyncContextManager[Tx]:
         """Open a write transaction (committed on normal exit, rolled back on error)."""
 
@@ -451,10 +459,7 @@ class SqlMetadataStore(abc.ABC):
         await tx.executemany(
             'INSERT INTO chunk_refs (version_id, seq, "offset", length, chunk_id, chunk_offset) '
             "VALUES ($1, $2, $3, $4, $5, $6)",
-            [
-                (version_id, r.seq, r.offset, r.length, r.chunk_id, r.chunk_offset)
-                for r in refs
-            ],
+            [(version_id, r.seq, r.offset, r.length, r.chunk_id, r.chunk_offset) for r in refs],
         )
 
     async def _insert_location(
@@ -520,7 +525,9 @@ class SqlMetadataStore(abc.ABC):
         return freed
 
     async def _release(self, tx: Tx, where: str, *args: Any) -> int:
-        rows = await tx.fetch(f"DELETE FROM reservations WHERE {where} RETURNING backend, nbytes", *args)
+        rows = await tx.fetch(
+            f"DELETE FROM reservations WHERE {where} RETURNING backend, nbytes", *args
+        )
         for row in rows:
             await tx.execute(
                 "UPDATE backend_space SET reserved_bytes = reserved_bytes - $2 WHERE name = $1",
@@ -654,7 +661,11 @@ class SqlMetadataStore(abc.ABC):
                 loc = (
                     ()
                     if row["backend"] is None
-                    else (Location(row["chunk_id"], row["backend"], row["blob_key"], row["loc_stored"]),)
+                    else (
+                        Location(
+                            row["chunk_id"], row["backend"], row["blob_key"], row["loc_stored"]
+                        ),
+                    )
                 )
                 if placements and placements[-1].ref.seq == row["seq"]:
                     last = placements[-1]
@@ -663,7 +674,10 @@ class SqlMetadataStore(abc.ABC):
                 placements.append(
                     ChunkPlacement(
                         ref=ChunkRef(
-                            row["seq"], row["ref_offset"], row["length"], row["chunk_id"],
+                            row["seq"],
+                            row["ref_offset"],
+                            row["length"],
+                            row["chunk_id"],
                             row["chunk_offset"],
                         ),
                         chunk=Chunk(
@@ -673,7 +687,9 @@ class SqlMetadataStore(abc.ABC):
                             stored_size=row["chunk_stored"],
                             refcount=row["refcount"],
                             created_at=from_micros(row["created_at"]),
-                            wrapped_dek=None if row["wrapped_dek"] is None else bytes(row["wrapped_dek"]),
+                            wrapped_dek=None
+                            if row["wrapped_dek"] is None
+                            else bytes(row["wrapped_dek"]),
                             key_id=row["key_id"],
                         ),
                         locations=loc,
@@ -737,7 +753,10 @@ class SqlMetadataStore(abc.ABC):
                     if common is None:
                         entries.append(
                             ListEntry(
-                                key, row["version_id"], row["size"], row["etag"],
+                                key,
+                                row["version_id"],
+                                row["size"],
+                                row["etag"],
                                 from_micros(row["modified_at"]),
                             )
                         )
@@ -783,7 +802,9 @@ class SqlMetadataStore(abc.ABC):
                 "WHERE chunk_id = $1 ORDER BY backend",
                 chunk_id,
             )
-            return [Location(r["chunk_id"], r["backend"], r["blob_key"], r["stored_size"]) for r in rows]
+            return [
+                Location(r["chunk_id"], r["backend"], r["blob_key"], r["stored_size"]) for r in rows
+            ]
 
         return await self._run(work)
 
@@ -804,7 +825,9 @@ class SqlMetadataStore(abc.ABC):
             )
             if not rows:
                 await tx.execute("DELETE FROM chunks WHERE chunk_id = $1", chunk_id)
-            return [Location(r["chunk_id"], r["backend"], r["blob_key"], r["stored_size"]) for r in rows]
+            return [
+                Location(r["chunk_id"], r["backend"], r["blob_key"], r["stored_size"]) for r in rows
+            ]
 
         return await self._run(work)
 
@@ -845,7 +868,8 @@ class SqlMetadataStore(abc.ABC):
     async def get_space(self) -> list[BackendSpace]:
         async def work(tx: Tx) -> list[BackendSpace]:
             rows = await tx.fetch(
-                "SELECT name, quota_bytes, used_bytes, reserved_bytes FROM backend_space ORDER BY name"
+                "SELECT name, quota_bytes, used_bytes, reserved_bytes FROM backend_space "
+                "ORDER BY name"
             )
             return [
                 BackendSpace(r["name"], r["quota_bytes"], r["used_bytes"], r["reserved_bytes"])
@@ -916,7 +940,9 @@ class SqlMetadataStore(abc.ABC):
                 month,
             )
             return [
-                UsageCounters(r["backend"], r["month"], r["requests"], r["egress_bytes"], r["ingress_bytes"])
+                UsageCounters(
+                    r["backend"], r["month"], r["requests"], r["egress_bytes"], r["ingress_bytes"]
+                )
                 for r in rows
             ]
 
@@ -982,7 +1008,8 @@ class SqlMetadataStore(abc.ABC):
             )
             rows = await tx.fetch(
                 "SELECT item_id FROM queue_items WHERE queue = $1 AND state = $2 "
-                f"AND not_before <= $3 ORDER BY not_before, item_id LIMIT $4{self.dialect.skip_locked}",
+                "AND not_before <= $3 ORDER BY not_before, item_id "
+                f"LIMIT $4{self.dialect.skip_locked}",
                 queue,
                 QueueState.READY.value,
                 now,
@@ -1004,7 +1031,9 @@ class SqlMetadataStore(abc.ABC):
         return await self._run(work)
 
     async def ack(self, item_id: int) -> None:
-        await self._run(lambda tx: tx.execute("DELETE FROM queue_items WHERE item_id = $1", item_id))
+        await self._run(
+            lambda tx: tx.execute("DELETE FROM queue_items WHERE item_id = $1", item_id)
+        )
 
     async def retry_later(self, item_id: int, *, error: str, backoff: Backoff) -> bool:
         async def work(tx: Tx) -> bool:
@@ -1037,7 +1066,8 @@ class SqlMetadataStore(abc.ABC):
     async def list_dead(self, queue: str, limit: int = 100) -> list[QueueItem]:
         async def work(tx: Tx) -> list[QueueItem]:
             rows = await tx.fetch(
-                "SELECT * FROM queue_items WHERE queue = $1 AND state = $2 ORDER BY item_id LIMIT $3",
+                "SELECT * FROM queue_items WHERE queue = $1 AND state = $2 "
+                "ORDER BY item_id LIMIT $3",
                 queue,
                 QueueState.DEAD.value,
                 limit,
@@ -1074,7 +1104,10 @@ class SqlMetadataStore(abc.ABC):
     # -- multipart uploads -----------------------------------------------------------
     async def create_upload(self, upload: MultipartUpload) -> None:
         async def work(tx: Tx) -> None:
-            if await tx.fetchrow("SELECT 1 AS x FROM buckets WHERE name = $1", upload.bucket) is None:
+            if (
+                await tx.fetchrow("SELECT 1 AS x FROM buckets WHERE name = $1", upload.bucket)
+                is None
+            ):
                 raise NotFound(f"bucket {upload.bucket!r} does not exist")
             changed = await tx.execute(
                 "INSERT INTO multipart_uploads (upload_id, bucket, key, headers, user_metadata, "
@@ -1093,7 +1126,9 @@ class SqlMetadataStore(abc.ABC):
 
     async def get_upload(self, upload_id: str) -> MultipartUpload | None:
         async def work(tx: Tx) -> MultipartUpload | None:
-            row = await tx.fetchrow("SELECT * FROM multipart_uploads WHERE upload_id = $1", upload_id)
+            row = await tx.fetchrow(
+                "SELECT * FROM multipart_uploads WHERE upload_id = $1", upload_id
+            )
             return None if row is None else _upload(row)
 
         return await self._run(work)
@@ -1184,8 +1219,14 @@ class SqlMetadataStore(abc.ABC):
                 limit,
             )
             return [
-                Part(r["upload_id"], r["part_number"], r["version_id"], r["size"], r["etag"],
-                     from_micros(r["created_at"]))
+                Part(
+                    r["upload_id"],
+                    r["part_number"],
+                    r["version_id"],
+                    r["size"],
+                    r["etag"],
+                    from_micros(r["created_at"]),
+                )
                 for r in rows
             ]
 
@@ -1219,7 +1260,9 @@ class SqlMetadataStore(abc.ABC):
                     part["version_id"],
                 ):
                     refs.append(
-                        ChunkRef(len(refs), offset, ref["length"], ref["chunk_id"], ref["chunk_offset"])
+                        ChunkRef(
+                            len(refs), offset, ref["length"], ref["chunk_id"], ref["chunk_offset"]
+                        )
                     )
                     offset += ref["length"]
             now = self._now()
@@ -1257,7 +1300,8 @@ class SqlMetadataStore(abc.ABC):
     async def abort_upload(self, upload_id: str) -> None:
         async def work(tx: Tx) -> None:
             row = await tx.fetchrow(
-                f"SELECT upload_id FROM multipart_uploads WHERE upload_id = $1{self.dialect.for_update}",
+                "SELECT upload_id FROM multipart_uploads WHERE upload_id = $1"
+                f"{self.dialect.for_update}",
                 upload_id,
             )
             if row is not None:
@@ -1279,4 +1323,3 @@ class SqlMetadataStore(abc.ABC):
     # -- locks -----------------------------------------------------------------------
     @abc.abstractmethod
     async def try_lock(self, name: str) -> LeaderLock | None: ...
-

@@ -26,7 +26,14 @@ from appliance.meta.errors import MetaError, StoreLocked, StoreUnavailable
 from appliance.meta.sql import Row, SqlMetadataStore, Tx
 from appliance.meta.store import LeaderLock
 
-_UNAVAILABLE_HINTS = ("locked", "unable to open", "disk i/o", "readonly", "not a database", "malformed")
+_UNAVAILABLE_HINTS = (
+    "locked",
+    "unable to open",
+    "disk i/o",
+    "readonly",
+    "not a database",
+    "malformed",
+)
 
 
 class _SqliteTx:

@@ -56,8 +56,10 @@ class LeaderLock(Protocol):
 class MetadataStore(Protocol):
     """Metadata for buckets, objects, chunks, quota, usage, queues and uploads."""
 
-    kind: str
-    """``"sqlite"`` or ``"postgres"``."""
+    @property
+    def kind(self) -> str:
+        """``"sqlite"`` or ``"postgres"``."""
+        ...
 
     # -- lifecycle -------------------------------------------------------------------
     async def open(self) -> None:
@@ -257,7 +259,9 @@ class MetadataStore(Protocol):
         dead one is revived. Returns the new item's id, or None if one was kept."""
         ...
 
-    async def claim(self, queue: str, *, limit: int = 10, lease_seconds: float = 300) -> list[QueueItem]:
+    async def claim(
+        self, queue: str, *, limit: int = 10, lease_seconds: float = 300
+    ) -> list[QueueItem]:
         """Take ready items whose time has come; each is hidden for ``lease_seconds``
         and its ``attempts`` counts this claim. Items out of attempts go dead."""
         ...

@@ -727,7 +727,7 @@ async def test_garbage_sqlite_file_is_unavailable(tmp_path: object) -> None:
 
     path = Path(str(tmp_path)) / "bad.db"
     path.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(StoreUnavailable, match="bad.db"):
+    with pytest.raises(StoreUnavailable, match=r"bad\.db"):
         await SqliteMetadataStore(path).open()
 
 

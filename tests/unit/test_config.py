@@ -851,7 +851,7 @@ def test_load_config_resolves_against_the_files_directory(tmp_path: Path) -> Non
     config = load_config(path, env={})
     assert config.database.sqlite is not None
     assert config.database.sqlite.path == conf_dir / "cairn.db"
-    assert config.backends[0].path == conf_dir / "../var/disk"  # type: ignore[union-attr]
+    assert config.backends[0].path == conf_dir.parent / "var" / "disk"  # type: ignore[union-attr]
     assert config.backends[0].path.is_absolute()  # type: ignore[union-attr]
 
 
