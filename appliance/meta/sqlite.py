@@ -96,6 +96,7 @@ class SqliteMetadataStore(SqlMetadataStore):
     async def open(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._take_file_lock()
+        conn: aiosqlite.Connection | None = None
         try:
             conn = await aiosqlite.connect(str(self._path), isolation_level=None)
             conn.row_factory = sqlite3.Row
@@ -107,6 +108,8 @@ class SqliteMetadataStore(SqlMetadataStore):
             ):
                 await conn.execute(pragma)
         except sqlite3.Error as exc:
+            if conn is not None:
+                await conn.close()
             self._drop_file_lock()
             raise StoreUnavailable(f"cannot open SQLite database {self._path}: {exc}") from exc
         self._conn = conn
