@@ -1,0 +1,132 @@
+"""Wiring: the one place (with ``frontends.daemon``) that builds concrete classes.
+
+``open_pool`` turns a validated configuration into a running core: the metadata store
+(migrated), the backends (each behind the retry wrapper), and the configured buckets
+and credentials recorded in the store. ``Pool.close`` releases all of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from appliance.clock import utcnow
+from appliance.config import (
+    BackendConfig,
+    CairnConfig,
+    DatabaseConfig,
+    LocalBackendConfig,
+    S3BackendConfig,
+)
+from appliance.meta.errors import AlreadyExists
+from appliance.meta.models import BackendSpec, Credential, Permission
+from appliance.meta.postgres import PostgresMetadataStore
+from appliance.meta.sqlite import SqliteMetadataStore
+from appliance.meta.store import MetadataStore
+from backends.base import Backend
+from backends.local import LocalBackend
+from backends.retry import RetryingBackend
+from backends.s3 import S3Backend
+
+POOL_SECRET_SETTING = "pool_secret"
+BUCKET_OWNER_PERMISSIONS = frozenset(
+    {Permission.READ, Permission.WRITE, Permission.LIST, Permission.DELETE}
+)
+
+
+def make_store(database: DatabaseConfig, *, gc_delay: timedelta) -> MetadataStore:
+    """Build (not open) the configured metadata store."""
+    if database.postgres is not None:
+        pg = database.postgres
+        return PostgresMetadataStore(
+            pg.to_dsn(),
+            min_connections=pg.min_connections,
+            max_connections=pg.max_connections,
+            server_settings={"search_path": pg.schema_name} if pg.schema_name else None,
+            gc_delay=gc_delay,
+        )
+    assert database.sqlite is not None
+    return SqliteMetadataStore(database.sqlite.path, gc_delay=gc_delay)
+
+
+def make_backend(spec: BackendConfig) -> Backend:
+    """Build one backend adapter, wrapped in retries with backoff."""
+    inner: Backend
+    if isinstance(spec, S3BackendConfig):
+        inner = S3Backend(
+            spec.name,
+            endpoint_url=spec.endpoint,
+            region=spec.region,
+            bucket=spec.bucket,
+            prefix=spec.prefix,
+            access_key=spec.access_key,
+            secret_key=spec.secret_key.get_secret_value(),
+            path_style=spec.path_style,
+            max_connections=spec.max_connections,
+            connect_timeout=spec.connect_timeout,
+            read_timeout=spec.read_timeout,
+        )
+    elif isinstance(spec, LocalBackendConfig):
+        spec.path.mkdir(parents=True, exist_ok=True)
+        inner = LocalBackend(spec.name, spec.path)
+    else:  # pragma: no cover - the config union has no other member
+        raise TypeError(f"unknown backend type {type(spec).__name__}")
+    return RetryingBackend(inner)
+
+
+@dataclass
+class Pool:
+    """The wired core: configuration, metadata store and backends by name."""
+
+    config: CairnConfig
+    store: MetadataStore
+    backends: dict[str, Backend] = field(default_factory=dict)
+
+    async def close(self) -> None:
+        """Close backends, then the store. Idempotent."""
+        backends, self.backends = self.backends, {}
+        for backend in backends.values():
+            await backend.close()
+        await self.store.close()
+
+
+async def _apply_config(store: MetadataStore, config: CairnConfig) -> None:
+    await store.sync_backends([BackendSpec(b.name, b.quota_bytes) for b in config.backends])
+    await store.setdefault_setting(POOL_SECRET_SETTING, secrets.token_hex(32))
+    for bucket in config.buckets:
+        if await store.get_bucket(bucket.name) is None:
+            with contextlib.suppress(AlreadyExists):  # another instance made it meanwhile
+                await store.create_bucket(bucket.name)
+        for cred in bucket.credentials:
+            existing = await store.get_credential(cred.access_key)
+            grants = dict(existing.grants) if existing else {}
+            grants[bucket.name] = BUCKET_OWNER_PERMISSIONS
+            await store.put_credential(
+                Credential(
+                    access_key=cred.access_key,
+                    secret=cred.secret_key.get_secret_value(),
+                    created_at=existing.created_at if existing else utcnow(),
+                    description=f"from config (bucket {bucket.name})",
+                    grants=grants,
+                )
+            )
+
+
+async def open_pool(config: CairnConfig) -> Pool:
+    """Open the store (migrating it), record config facts in it, build the backends.
+
+    Raises the store's errors (``SchemaTooNew``, ``StoreLocked``, ``StoreUnavailable``);
+    nothing is left open when it raises.
+    """
+    store = make_store(config.database, gc_delay=timedelta(seconds=config.pool.gc_delay_seconds))
+    await store.open()
+    pool = Pool(config=config, store=store)
+    try:
+        await _apply_config(store, config)
+        pool.backends = {spec.name: make_backend(spec) for spec in config.backends}
+    except BaseException:
+        await pool.close()
+        raise
+    return pool

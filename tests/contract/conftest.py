@@ -1,0 +1,59 @@
+"""Fixtures for the backend contract suite: every Backend, built fresh for each test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from backends.base import Backend
+from backends.local import LocalBackend
+from backends.memory import MemoryBackend
+from tests.fixtures_moto import MotoS3, make_s3_backend, moto_s3
+
+__all__ = ["moto_s3"]
+
+BACKEND_KINDS = ["memory", "local", "s3", "s3-prefixed"]
+
+
+BackendFactory = Callable[[str], Backend]
+
+
+@pytest.fixture
+def local_root(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def make_backend(request: pytest.FixtureRequest, local_root: Path) -> BackendFactory:
+    """Build a fresh backend of a kind; S3 kinds get their own bucket on moto."""
+
+    def build(kind: str) -> Backend:
+        if kind == "memory":
+            return MemoryBackend("mem")
+        if kind == "local":
+            return LocalBackend("local", local_root, fsync=True)
+        if kind in ("s3", "s3-prefixed"):
+            moto: MotoS3 = request.getfixturevalue("moto_s3")
+            bucket = moto.new_bucket()
+            request.addfinalizer(lambda: moto.delete_bucket(bucket))
+            prefix = "pool/one" if kind == "s3-prefixed" else ""
+            return make_s3_backend(moto, bucket, prefix=prefix)
+        raise ValueError(kind)
+
+    return build
+
+
+@pytest.fixture(params=BACKEND_KINDS)
+async def backend(
+    request: pytest.FixtureRequest, make_backend: BackendFactory
+) -> AsyncIterator[Backend]:
+    """Each backend kind in turn, closed after the test."""
+    b = make_backend(request.param)
+    try:
+        yield b
+    finally:
+        await b.close()
