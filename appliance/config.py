@@ -256,7 +256,9 @@ class PostgresConfig(BaseModel):
     sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = "prefer"
     min_connections: int = Field(default=1, ge=0)
     max_connections: int = Field(default=10, ge=1)
-    schema_name: str | None = Field(default=None, alias="schema", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    schema_name: str | None = Field(
+        default=None, alias="schema", pattern=r"^[a-z_][a-z0-9_]{0,62}$"
+    )
     """Schema holding Cairn's tables (``search_path``); None uses the server's default."""
 
     @field_validator("dsn")
