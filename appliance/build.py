@@ -20,13 +20,21 @@ from appliance.config import (
     LocalBackendConfig,
     S3BackendConfig,
 )
+from appliance.data.chunkstore import ChunkStore
+from appliance.data.cpu import CpuPool
 from appliance.meta.errors import AlreadyExists
 from appliance.meta.models import BackendSpec, Credential, Permission
 from appliance.meta.postgres import PostgresMetadataStore
 from appliance.meta.sqlite import SqliteMetadataStore
 from appliance.meta.store import MetadataStore
+from appliance.placement.pool import PoolState
+from appliance.placement.router import BackendState, Placement, Router
+from appliance.placement.usage import Caps, UsageMeter
+from appliance.services.multipart import MultipartService
+from appliance.services.objects import ObjectService
 from backends.base import Backend
 from backends.local import LocalBackend
+from backends.metering import MeteredBackend, Recorder
 from backends.retry import RetryingBackend
 from backends.s3 import S3Backend
 
@@ -51,8 +59,8 @@ def make_store(database: DatabaseConfig, *, gc_delay: timedelta) -> MetadataStor
     return SqliteMetadataStore(database.sqlite.path, gc_delay=gc_delay)
 
 
-def make_backend(spec: BackendConfig) -> Backend:
-    """Build one backend adapter, wrapped in retries with backoff."""
+def make_backend(spec: BackendConfig, record: Recorder | None = None) -> Backend:
+    """Build one backend adapter: metered (when ``record`` is given), then retried."""
     inner: Backend
     if isinstance(spec, S3BackendConfig):
         inner = S3Backend(
@@ -73,22 +81,33 @@ def make_backend(spec: BackendConfig) -> Backend:
         inner = LocalBackend(spec.name, spec.path)
     else:  # pragma: no cover - the config union has no other member
         raise TypeError(f"unknown backend type {type(spec).__name__}")
+    if record is not None:
+        inner = MeteredBackend(inner, record)
     return RetryingBackend(inner)
 
 
 @dataclass
 class Pool:
-    """The wired core: configuration, metadata store and backends by name."""
+    """The wired core: configuration, store, backends by name, and the services."""
 
     config: CairnConfig
     store: MetadataStore
+    cpu: CpuPool
+    meter: UsageMeter
     backends: dict[str, Backend] = field(default_factory=dict)
+    state: PoolState | None = None
+    objects: ObjectService | None = None
+    multipart: MultipartService | None = None
 
     async def close(self) -> None:
-        """Close backends, then the store. Idempotent."""
+        """Flush usage, close backends, the CPU pool, then the store. Idempotent."""
         backends, self.backends = self.backends, {}
+        if backends:
+            with contextlib.suppress(Exception):
+                await self.meter.flush()
         for backend in backends.values():
             await backend.close()
+        self.cpu.close()
         await self.store.close()
 
 
@@ -122,10 +141,28 @@ async def open_pool(config: CairnConfig) -> Pool:
     """
     store = make_store(config.database, gc_delay=timedelta(seconds=config.pool.gc_delay_seconds))
     await store.open()
-    pool = Pool(config=config, store=store)
+    caps = {
+        b.name: Caps(b.api_request_limit, b.egress_byte_limit, b.ingress_byte_limit)
+        for b in config.backends
+    }
+    pool = Pool(config=config, store=store, cpu=CpuPool(), meter=UsageMeter(store, caps))
     try:
         await _apply_config(store, config)
-        pool.backends = {spec.name: make_backend(spec) for spec in config.backends}
+        await pool.meter.reload()
+        pool.backends = {
+            spec.name: make_backend(spec, pool.meter.record) for spec in config.backends
+        }
+        states = {b.name: BackendState.READ_ONLY for b in config.backends if b.read_only}
+        pool.state = PoolState(
+            store,
+            list(pool.backends.values()),
+            Router(Placement(config.pool.placement)),
+            pool.meter,
+            states=states,
+        )
+        chunks = ChunkStore(pool.state, pool.cpu, replicas=config.pool.replication_factor)
+        pool.objects = ObjectService(store, chunks, pool.cpu, chunk_size=config.pool.chunk_size)
+        pool.multipart = MultipartService(store, pool.objects)
     except BaseException:
         await pool.close()
         raise

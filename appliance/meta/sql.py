@@ -438,22 +438,26 @@ class SqlMetadataStore(abc.ABC):
     ) -> None:
         async def work(tx: Tx) -> None:
             await self._uploading(tx, version_id)
-            await tx.execute(
-                "INSERT INTO chunks (chunk_id, size, sha256, stored_size, wrapped_dek, key_id, "
-                "refcount, created_at) VALUES ($1, $2, $3, $4, $5, $6, 1, $7)",
-                chunk.chunk_id,
-                chunk.size,
-                chunk.sha256,
-                chunk.stored_size,
-                chunk.wrapped_dek,
-                chunk.key_id,
-                self._now(),
-            )
+            await self._insert_chunk(tx, chunk)
             await self._insert_refs(tx, version_id, [ref])
             for location, reservation_id in locations:
                 await self._insert_location(tx, location, reservation_id)
 
         await self._run(work)
+
+    async def _insert_chunk(self, tx: Tx, chunk: NewChunk) -> None:
+        """Record a new chunk with refcount 1 (its first ref is inserted with it)."""
+        await tx.execute(
+            "INSERT INTO chunks (chunk_id, size, sha256, stored_size, wrapped_dek, key_id, "
+            "refcount, created_at) VALUES ($1, $2, $3, $4, $5, $6, 1, $7)",
+            chunk.chunk_id,
+            chunk.size,
+            chunk.sha256,
+            chunk.stored_size,
+            chunk.wrapped_dek,
+            chunk.key_id,
+            self._now(),
+        )
 
     async def _insert_refs(self, tx: Tx, version_id: str, refs: Sequence[ChunkRef]) -> None:
         await tx.executemany(
@@ -1239,6 +1243,7 @@ class SqlMetadataStore(abc.ABC):
         parts: Sequence[tuple[int, str]],
         *,
         etag: str,
+        manifest: tuple[NewChunk, Sequence[tuple[Location, int | None]]] | None = None,
     ) -> CommitResult:
         async def work(tx: Tx) -> CommitResult:
             upload = await self._locked_upload(tx, upload_id)
@@ -1283,6 +1288,12 @@ class SqlMetadataStore(abc.ABC):
                 now,
             )
             await self._incref(tx, [r.chunk_id for r in refs])
+            if manifest is not None:
+                record, locations = manifest
+                await self._insert_chunk(tx, record)
+                refs.append(ChunkRef(len(refs), offset, 0, record.chunk_id))
+                for location, reservation_id in locations:
+                    await self._insert_location(tx, location, reservation_id)
             await self._insert_refs(tx, version_id, refs)
             freed = await self._drop_upload(tx, upload_id)
             version = await tx.fetchrow("SELECT * FROM versions WHERE version_id = $1", version_id)

@@ -320,9 +320,12 @@ class MetadataStore(Protocol):
         parts: Sequence[tuple[int, str]],
         *,
         etag: str,
+        manifest: tuple[NewChunk, Sequence[tuple[Location, int | None]]] | None = None,
     ) -> CommitResult:
         """Assemble the listed (part number, etag) pairs into a new current version by
-        reference only: no bytes move. Unlisted parts are dropped.
+        reference only: no bytes move. Unlisted parts are dropped. ``manifest`` is the
+        version's manifest blob, recorded as a zero-length last ref (its reservations
+        become usage).
 
         Raises ``NotFound`` (upload) or ``InvalidPart`` naming the first part that is
         missing or whose etag differs.

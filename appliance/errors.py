@@ -1,0 +1,74 @@
+"""Domain errors raised by the core's services; each frontend maps them once.
+
+The S3 frontend maps them to S3 error codes, the FUSE frontend to errno values.
+"""
+
+from __future__ import annotations
+
+
+class CairnError(Exception):
+    """Base class of domain errors."""
+
+
+class NoSuchBucket(CairnError):
+    pass
+
+
+class NoSuchKey(CairnError):
+    pass
+
+
+class NoSuchUpload(CairnError):
+    pass
+
+
+class InvalidPart(CairnError):
+    """A completion names a part that is missing or whose ETag differs."""
+
+
+class InvalidPartOrder(CairnError):
+    """Parts of a completion are not in ascending order."""
+
+
+class EntityTooSmall(CairnError):
+    """A part other than the last is smaller than the minimum part size."""
+
+
+class EntityTooLarge(CairnError):
+    pass
+
+
+class IncompleteBody(CairnError):
+    """The body ended before the declared length (client disconnect), or ran past it."""
+
+
+class BadDigest(CairnError):
+    """Content did not match a digest the client declared (Content-MD5, checksums)."""
+
+
+class InvalidRange(CairnError):
+    """The requested range does not overlap the object."""
+
+
+class PreconditionFailed(CairnError):
+    pass
+
+
+class NoCapacity(CairnError):
+    """No backend can take the write: every eligible one is full or past a monthly cap."""
+
+
+class BackendsUnavailable(CairnError):
+    """Every replica or candidate backend failed for this operation."""
+
+
+class DataCorrupted(CairnError):
+    """Every replica of a chunk failed verification; no wrong byte is returned."""
+
+
+class MetadataUnavailable(CairnError):
+    """The metadata store cannot be reached right now."""
+
+
+class InvalidObjectName(CairnError):
+    """The key is empty, too long or holds characters Cairn refuses."""

@@ -1,0 +1,125 @@
+"""The Router: chooses where chunks go and where they are read from (pure).
+
+It works on a ``PoolView`` snapshot (state, space and monthly caps per backend) and
+never does I/O, so every policy is unit-testable.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+
+class BackendState(enum.StrEnum):
+    ACTIVE = "active"
+    READ_ONLY = "read_only"
+    DRAINING = "draining"
+    OFFLINE = "offline"
+
+
+class Placement(enum.StrEnum):
+    PACK = "pack"
+    SPREAD = "spread"
+
+
+@dataclass(frozen=True, slots=True)
+class BackendView:
+    """What the Router knows of one backend at snapshot time.
+
+    ``free_bytes`` None means no quota. Cap fields are what is left this month
+    (None = no cap).
+    """
+
+    name: str
+    order: int
+    state: BackendState = BackendState.ACTIVE
+    quota_bytes: int | None = None
+    used_bytes: int = 0
+    reserved_bytes: int = 0
+    requests_left: int | None = None
+    ingress_left: int | None = None
+    egress_left: int | None = None
+
+    @property
+    def free_bytes(self) -> int | None:
+        if self.quota_bytes is None:
+            return None
+        return max(0, self.quota_bytes - self.used_bytes - self.reserved_bytes)
+
+    @property
+    def utilisation(self) -> float:
+        if not self.quota_bytes:
+            return 0.0 if self.quota_bytes is None else 1.0
+        return (self.used_bytes + self.reserved_bytes) / self.quota_bytes
+
+    def can_take(self, nbytes: int) -> bool:
+        """True when a write of ``nbytes`` fits space and caps right now."""
+        if self.state is not BackendState.ACTIVE:
+            return False
+        if self.free_bytes is not None and self.free_bytes < nbytes:
+            return False
+        if self.requests_left is not None and self.requests_left < 1:
+            return False
+        return self.ingress_left is None or self.ingress_left >= nbytes
+
+    def can_serve(self, nbytes: int) -> bool:
+        """True when a read of ``nbytes`` is within its caps and it is reachable."""
+        if self.state is BackendState.OFFLINE:
+            return False
+        if self.requests_left is not None and self.requests_left < 1:
+            return False
+        return self.egress_left is None or self.egress_left >= nbytes
+
+
+@dataclass(frozen=True, slots=True)
+class PoolView:
+    backends: tuple[BackendView, ...]
+
+    def by_name(self) -> dict[str, BackendView]:
+        return {b.name: b for b in self.backends}
+
+
+class Router:
+    """Placement policy over a snapshot. Stateless apart from its settings."""
+
+    def __init__(self, placement: Placement) -> None:
+        self._placement = placement
+
+    def write_candidates(
+        self, view: PoolView, nbytes: int, *, exclude: Iterable[str] = ()
+    ) -> list[str]:
+        """Backends that can take ``nbytes`` now, best first; replicas take distinct ones.
+
+        ``pack`` keeps configuration order (fill the first, then the next); ``spread``
+        prefers the lowest utilisation, then the most free space.
+        """
+        skip = set(exclude)
+        eligible = [b for b in view.backends if b.name not in skip and b.can_take(nbytes)]
+        if self._placement is Placement.PACK:
+            eligible.sort(key=lambda b: b.order)
+        else:
+            eligible.sort(
+                key=lambda b: (
+                    b.utilisation,
+                    -(b.free_bytes if b.free_bytes is not None else 1 << 62),
+                    b.order,
+                )
+            )
+        return [b.name for b in eligible]
+
+    def read_order(self, view: PoolView, backends: Sequence[str], nbytes: int) -> list[str]:
+        """Replica backends in the order to try: servable ones first, by config order.
+
+        Backends not servable right now (offline, past a cap) come last rather than
+        never, so a read still has a chance when nothing better exists.
+        """
+        known = view.by_name()
+
+        def rank(name: str) -> tuple[int, int]:
+            b = known.get(name)
+            if b is None:
+                return (2, 1 << 30)
+            return (0 if b.can_serve(nbytes) else 1, b.order)
+
+        return sorted(backends, key=rank)

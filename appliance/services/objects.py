@@ -1,0 +1,444 @@
+"""ObjectService: streamed writes and reads of whole objects (DESIGN sections 3, 4, 6).
+
+A write cuts the body into chunks of the pool's chunk size as it arrives, hashes them
+(MD5 for the ETag over the whole body, SHA-256 per chunk) in the CPU pool, and writes up
+to ``write_ahead`` chunks at once while the body keeps streaming in. Chunk 0 is written
+last, once every other chunk is stored, so its header carries the final size, ETag and
+chunk count (docs/FORMAT.md). One metadata transaction then commits the version.
+Any failure aborts the version: nothing becomes visible, and written blobs go to GC.
+
+A read fetches up to ``read_ahead`` chunks ahead in parallel and yields them in order,
+touching only the chunks (and byte ranges within them) that the request covers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.data.blobformat import ChunkHeader, ObjectIdentity, chunk_blob_key, object_prefix
+from appliance.data.chunkstore import ChunkStore, WrittenChunk
+from appliance.data.cpu import CpuPool
+from appliance.errors import (
+    BadDigest,
+    IncompleteBody,
+    InvalidObjectName,
+    MetadataUnavailable,
+    NoSuchBucket,
+    NoSuchKey,
+)
+from appliance.ids import new_sortable_id
+from appliance.meta.errors import Conflict, NotFound, StoreUnavailable
+from appliance.meta.models import (
+    Bucket,
+    ChunkPlacement,
+    ChunkRef,
+    ListPage,
+    ObjectVersion,
+    VersionKind,
+)
+from appliance.meta.store import MetadataStore
+
+log = logging.getLogger("cairn.objects")
+
+MAX_KEY_BYTES = 1024
+
+
+def check_key(key: str) -> None:
+    """Raise ``InvalidObjectName`` for keys S3 or the metadata store cannot hold."""
+    if not key:
+        raise InvalidObjectName("the key must not be empty")
+    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        raise InvalidObjectName(f"the key is longer than {MAX_KEY_BYTES} bytes")
+    if "\x00" in key:
+        raise InvalidObjectName("the key must not contain NUL characters")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidObjectName("the key is not valid UTF-8") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    version_id: str
+    size: int
+    etag: str
+    """Hex MD5 of the body (unquoted)."""
+    md5: bytes = field(repr=False, default=b"")
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectHandle:
+    """An opened version: its metadata and the chunk layout to read from."""
+
+    version: ObjectVersion
+    layout: tuple[ChunkPlacement, ...]
+
+
+def _hash_chunk(md5: hashlib._Hash | None, data: bytes) -> bytes:
+    if md5 is not None:
+        md5.update(data)
+    return hashlib.sha256(data).digest()
+
+
+async def _cleanup(awaitable: Awaitable[object]) -> None:
+    """Run cleanup to the end even if the caller is cancelled meanwhile."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
+
+
+class ChunkedWriter:
+    """Writes one version's body as chunks; shared by objects and multipart parts."""
+
+    def __init__(
+        self,
+        store: MetadataStore,
+        chunks: ChunkStore,
+        cpu: CpuPool,
+        *,
+        chunk_size: int,
+        write_ahead: int,
+        prefix_secret: bytes | None,
+    ) -> None:
+        self._store = store
+        self._chunks = chunks
+        self._cpu = cpu
+        self._chunk_size = chunk_size
+        self._write_ahead = max(1, write_ahead)
+        self._secret = prefix_secret
+
+    def prefix(self, bucket: str, key: str) -> str:
+        return object_prefix(bucket, key, self._secret)
+
+    async def write(
+        self,
+        version: ObjectVersion,
+        body: AsyncIterable[bytes],
+        *,
+        size: int | None,
+        identity: bool,
+    ) -> WriteResult:
+        """Stream ``body`` into chunks of ``version`` (already begun, UPLOADING).
+
+        With ``identity`` chunk 0 is held back and written last carrying the object's
+        identity. Raises ``IncompleteBody`` when the body length differs from ``size``,
+        the chunk store's errors, and ``MetadataUnavailable``. The caller aborts the
+        version on any error.
+        """
+        md5 = hashlib.md5()
+        prefix = self.prefix(version.bucket, version.key)
+        slots = asyncio.Semaphore(self._write_ahead)
+        pending: set[asyncio.Task[None]] = set()
+        hash_chain: asyncio.Task[bytes] | None = None
+        held: tuple[bytes, asyncio.Task[bytes]] | None = None
+        index = 0
+        offset = 0
+        buffer = bytearray()
+
+        async def hashed(prev: asyncio.Task[bytes] | None, data: bytes) -> bytes:
+            if prev is not None:
+                await prev
+            return await self._cpu.run(_hash_chunk, md5, data)
+
+        def check_failures() -> None:
+            for task in [t for t in pending if t.done()]:
+                pending.discard(task)
+                task.result()  # re-raise the first failure at once
+
+        async def submit(data: bytes) -> None:
+            nonlocal hash_chain, held, index, offset
+            digest = asyncio.ensure_future(hashed(hash_chain, data))
+            hash_chain = digest
+            this_index, this_offset = index, offset
+            index += 1
+            offset += len(data)
+            if this_index == 0 and identity:
+                held = (data, digest)
+                return
+            await slots.acquire()
+            check_failures()
+            task = asyncio.ensure_future(
+                self._write_one(version, prefix, this_index, this_offset, data, digest, None)
+            )
+            task.add_done_callback(lambda _: slots.release())
+            pending.add(task)
+
+        try:
+            async for piece in body:
+                view = memoryview(piece)
+                while view:
+                    take = min(len(view), self._chunk_size - len(buffer))
+                    buffer += view[:take]
+                    view = view[take:]
+                    if len(buffer) == self._chunk_size:
+                        await submit(bytes(buffer))
+                        buffer = bytearray()
+                if size is not None and offset + len(buffer) > size:
+                    raise IncompleteBody(f"the body is longer than the declared {size} bytes")
+            if buffer or index == 0:
+                await submit(bytes(buffer))
+            if size is not None and offset != size:
+                raise IncompleteBody(f"the body ended after {offset} of {size} bytes")
+            if pending:
+                await asyncio.gather(*pending)
+            pending.clear()
+            assert hash_chain is not None
+            await hash_chain
+            etag = md5.hexdigest()
+            if held is not None:
+                data, digest = held
+                ident = ObjectIdentity(
+                    bucket=version.bucket,
+                    key=version.key,
+                    size=offset,
+                    etag=etag,
+                    chunk_count=index,
+                    headers=version.headers,
+                    user_metadata=version.user_metadata,
+                )
+                await self._write_one(version, prefix, 0, 0, data, digest, ident)
+            return WriteResult(version.version_id, offset, etag, md5.digest())
+        except BaseException:
+            # Let chunk writes in flight finish and record themselves (at most
+            # ``write_ahead``): a write cut off between its blob PUT and its metadata
+            # row would leave a blob nobody knows about. The caller's abort frees them.
+            leftovers: list[asyncio.Future[Any]] = [*pending]
+            if hash_chain is not None:
+                leftovers.append(hash_chain)
+            for leftover in leftovers:
+                with contextlib.suppress(BaseException):
+                    await leftover
+            raise
+
+    async def _write_one(
+        self,
+        version: ObjectVersion,
+        prefix: str,
+        index: int,
+        offset: int,
+        data: bytes,
+        digest: Awaitable[bytes],
+        identity: ObjectIdentity | None,
+    ) -> None:
+        chunk_id = new_sortable_id()
+        header = ChunkHeader(
+            chunk_id=chunk_id,
+            version_id=version.version_id,
+            index=index,
+            size=len(data),
+            sha256=await digest,
+            identity=identity,
+        )
+        written = await self._chunks.write_chunk(
+            header, data, chunk_blob_key(prefix, version.version_id, index)
+        )
+        await self._record(
+            version.version_id, ChunkRef(index, offset, len(data), chunk_id), written
+        )
+
+    async def _record(self, version_id: str, ref: ChunkRef, written: WrittenChunk) -> None:
+        try:
+            await self._store.add_chunk(version_id, ref, written.chunk, written.locations)
+        except (Conflict, StoreUnavailable) as exc:
+            # Not recorded: the blobs are ours to remove. The version's reservations go
+            # with its abort (or with the janitor when the store is away).
+            for location, _ in written.locations:
+                await self._chunks.delete_blob(location.backend, location.blob_key)
+            if isinstance(exc, StoreUnavailable):
+                raise MetadataUnavailable(str(exc)) from exc
+            raise
+
+
+class ObjectService:
+    """Buckets' objects: put, open/read, delete, list. Errors: ``appliance.errors``."""
+
+    def __init__(
+        self,
+        store: MetadataStore,
+        chunks: ChunkStore,
+        cpu: CpuPool,
+        *,
+        chunk_size: int,
+        write_ahead: int = 3,
+        read_ahead: int = 4,
+        prefix_secret: bytes | None = None,
+    ) -> None:
+        self._store = store
+        self.chunks = chunks
+        self._read_ahead = max(1, read_ahead)
+        self.writer = ChunkedWriter(
+            store,
+            chunks,
+            cpu,
+            chunk_size=chunk_size,
+            write_ahead=write_ahead,
+            prefix_secret=prefix_secret,
+        )
+
+    # -- buckets ---------------------------------------------------------------------
+    async def list_buckets(self) -> list[Bucket]:
+        return await self._store.list_buckets()
+
+    async def get_bucket(self, bucket: str) -> Bucket:
+        found = await self._store.get_bucket(bucket)
+        if found is None:
+            raise NoSuchBucket(bucket)
+        return found
+
+    # -- writes ----------------------------------------------------------------------
+    async def begin(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        kind: VersionKind,
+        headers: Mapping[str, str] | None = None,
+        user_metadata: Mapping[str, str] | None = None,
+    ) -> ObjectVersion:
+        """Start an UPLOADING version. Raises ``NoSuchBucket``, ``InvalidObjectName``."""
+        check_key(key)
+        try:
+            return await self._store.begin_version(
+                new_sortable_id(),
+                bucket,
+                key,
+                kind=kind,
+                headers=headers,
+                user_metadata=user_metadata,
+            )
+        except NotFound as exc:
+            raise NoSuchBucket(bucket) from exc
+
+    async def abort(self, version_id: str) -> None:
+        """Abort a version after a failed write; never raises (the janitor retries)."""
+        try:
+            await _cleanup(self._store.abort_version(version_id))
+        except Exception as exc:
+            log.warning("could not abort version %s (the janitor will): %s", version_id, exc)
+
+    async def put_object(
+        self,
+        bucket: str,
+        key: str,
+        body: AsyncIterable[bytes],
+        *,
+        size: int | None,
+        headers: Mapping[str, str] | None = None,
+        user_metadata: Mapping[str, str] | None = None,
+        content_md5: bytes | None = None,
+    ) -> WriteResult:
+        """Store ``body`` as the new current version of ``key``.
+
+        Raises ``NoSuchBucket``, ``InvalidObjectName``, ``IncompleteBody``, ``BadDigest``
+        (Content-MD5), ``NoCapacity``, ``BackendsUnavailable``, ``MetadataUnavailable``.
+        """
+        version = await self.begin(
+            bucket, key, kind=VersionKind.OBJECT, headers=headers, user_metadata=user_metadata
+        )
+        try:
+            result = await self.writer.write(version, body, size=size, identity=True)
+            if content_md5 is not None and content_md5 != result.md5:
+                raise BadDigest("the Content-MD5 you specified did not match what was received")
+            await self._store.commit_version(version.version_id, size=result.size, etag=result.etag)
+        except BaseException:
+            await self.abort(version.version_id)
+            raise
+        return result
+
+    async def delete_object(self, bucket: str, key: str) -> None:
+        """Remove the current version of ``key``; absent keys succeed (S3 semantics)."""
+        await self.get_bucket(bucket)
+        await self._store.delete_object(bucket, key)
+
+    # -- reads -----------------------------------------------------------------------
+    async def head_object(self, bucket: str, key: str) -> ObjectVersion:
+        """Raises ``NoSuchKey`` or ``NoSuchBucket``."""
+        version = await self._store.get_current(bucket, key)
+        if version is None:
+            await self.get_bucket(bucket)
+            raise NoSuchKey(key)
+        return version
+
+    async def open_object(self, bucket: str, key: str) -> ObjectHandle:
+        """The current version and its layout, ready to read."""
+        version = await self.head_object(bucket, key)
+        layout = await self._store.get_layout(version.version_id)
+        return ObjectHandle(version, tuple(layout))
+
+    def read(
+        self, handle: ObjectHandle, start: int = 0, end: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """Stream bytes ``[start, end)`` of an opened version (end defaults to its size)."""
+        stop = handle.version.size if end is None else min(end, handle.version.size)
+        return self._read_ranges(_plan(handle.layout, start, stop))
+
+    async def _read_ranges(
+        self, plan: Sequence[tuple[ChunkPlacement, int, int]]
+    ) -> AsyncIterator[bytes]:
+        window: list[asyncio.Task[bytes]] = []
+        next_index = 0
+
+        def fill() -> None:
+            nonlocal next_index
+            while len(window) < self._read_ahead and next_index < len(plan):
+                placement, a, b = plan[next_index]
+                window.append(
+                    asyncio.ensure_future(
+                        self.chunks.read(placement.chunk, placement.locations, a, b)
+                    )
+                )
+                next_index += 1
+
+        try:
+            fill()
+            while window:
+                data = await window[0]
+                window.pop(0)
+                fill()
+                yield data
+        finally:
+            for task in window:
+                task.cancel()
+            for task in window:
+                with contextlib.suppress(BaseException):
+                    await task
+
+    # -- listing ---------------------------------------------------------------------
+    async def list_objects(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        delimiter: str | None = None,
+        start_after: str | None = None,
+        limit: int = 1000,
+    ) -> ListPage:
+        await self.get_bucket(bucket)
+        return await self._store.list_objects(
+            bucket, prefix=prefix, delimiter=delimiter, start_after=start_after, limit=limit
+        )
+
+
+def _plan(
+    layout: Sequence[ChunkPlacement], start: int, end: int
+) -> list[tuple[ChunkPlacement, int, int]]:
+    """Which chunk byte ranges cover object bytes ``[start, end)``, in order."""
+    plan = []
+    for placement in layout:
+        ref = placement.ref
+        lo = max(start, ref.offset)
+        hi = min(end, ref.offset + ref.length)
+        if lo >= hi:
+            continue
+        first = ref.chunk_offset + (lo - ref.offset)
+        plan.append((placement, first, first + (hi - lo)))
+    return plan
