@@ -1,0 +1,129 @@
+"""Background workers: garbage collection, the janitor, and usage flushing.
+
+Each worker has ``run_once`` (one bounded pass; returns how much it did, for tests and
+metrics) and is driven by ``run_forever``. They are safe to run in several instances at
+once: queue claims are leased, and every step is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+
+from appliance.clock import utcnow
+from appliance.data.chunkstore import ChunkStore
+from appliance.meta.backoff import Backoff
+from appliance.meta.errors import Conflict, MetaError
+from appliance.meta.store import GC_QUEUE, MetadataStore
+from appliance.placement.usage import UsageMeter
+
+log = logging.getLogger("cairn.workers")
+
+
+class GcWorker:
+    """Deletes the blobs of chunks whose refcount reached zero, then their records.
+
+    A blob delete that fails is retried from the durable queue with backoff; items are
+    keyed by chunk, and a chunk at refcount zero can never be referenced again, so a
+    retry can never delete live data.
+    """
+
+    def __init__(
+        self, store: MetadataStore, chunks: ChunkStore, *, backoff: Backoff | None = None
+    ) -> None:
+        self._store = store
+        self._chunks = chunks
+        self._backoff = backoff or Backoff()
+
+    async def run_once(self, limit: int = 100) -> int:
+        items = await self._store.claim(GC_QUEUE, limit=limit, lease_seconds=300)
+        done = 0
+        for item in items:
+            chunk_id = str(item.payload.get("chunk_id", ""))
+            locations = await self._store.claim_garbage(chunk_id)
+            failed: list[str] = []
+            for location in locations or []:
+                if await self._chunks.delete_blob(location.backend, location.blob_key):
+                    await self._store.forget_location(chunk_id, location.backend)
+                else:
+                    failed.append(location.backend)
+            if failed:
+                await self._store.retry_later(
+                    item.item_id,
+                    error=f"delete failed on {', '.join(failed)}",
+                    backoff=self._backoff,
+                )
+                continue
+            await self._store.ack(item.item_id)
+            done += 1
+        return done
+
+
+class Janitor:
+    """Aborts versions left UPLOADING too long (a crashed writer) and releases the
+    reservations such writers held."""
+
+    def __init__(
+        self,
+        store: MetadataStore,
+        *,
+        upload_ttl: timedelta = timedelta(hours=24),
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._store = store
+        self._ttl = upload_ttl
+        self._clock = clock
+
+    async def run_once(self, limit: int = 100) -> int:
+        cutoff = self._clock() - self._ttl
+        aborted = 0
+        for version_id in await self._store.list_stale_versions(cutoff, limit):
+            try:
+                await self._store.abort_version(version_id)
+                aborted += 1
+            except Conflict:
+                pass  # committed meanwhile
+        released = await self._store.release_stale_reservations(cutoff)
+        if aborted or released:
+            log.info(
+                "janitor: aborted %d stale uploads, released %d reservations", aborted, released
+            )
+        return aborted + released
+
+
+class UsageFlusher:
+    """Writes the usage meter's counts to the store."""
+
+    def __init__(self, meter: UsageMeter) -> None:
+        self._meter = meter
+
+    async def run_once(self) -> int:
+        await self._meter.flush()
+        return 1
+
+
+async def run_forever(
+    name: str,
+    step: Callable[[], Awaitable[int]],
+    *,
+    interval: float,
+    stop: asyncio.Event,
+) -> None:
+    """Call ``step`` until ``stop`` is set: again at once while it finds work, else
+    after ``interval`` seconds. Errors are logged and retried after the interval."""
+    while not stop.is_set():
+        try:
+            did = await step()
+        except MetaError as exc:
+            log.warning("%s: metadata store unavailable: %s", name, exc)
+            did = 0
+        except Exception:
+            log.exception("%s failed", name)
+            did = 0
+        if did:
+            continue
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval)
