@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -32,6 +33,7 @@ from appliance.placement.router import BackendState, Placement, Router
 from appliance.placement.usage import Caps, UsageMeter
 from appliance.services.multipart import MultipartService
 from appliance.services.objects import ObjectService
+from appliance.services.workers import GcWorker, Janitor
 from backends.base import Backend
 from backends.local import LocalBackend
 from backends.metering import MeteredBackend, Recorder
@@ -94,21 +96,31 @@ class Pool:
     store: MetadataStore
     cpu: CpuPool
     meter: UsageMeter
-    backends: dict[str, Backend] = field(default_factory=dict)
-    state: PoolState | None = None
-    objects: ObjectService | None = None
-    multipart: MultipartService | None = None
+    backends: dict[str, Backend]
+    state: PoolState
+    chunks: ChunkStore
+    objects: ObjectService
+    multipart: MultipartService
+    gc: GcWorker
+    janitor: Janitor
+    _closed: bool = field(default=False, repr=False)
 
     async def close(self) -> None:
         """Flush usage, close backends, the CPU pool, then the store. Idempotent."""
-        backends, self.backends = self.backends, {}
-        if backends:
-            with contextlib.suppress(Exception):
-                await self.meter.flush()
-        for backend in backends.values():
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            await self.meter.flush()
+        await _release(self.store, self.cpu, self.backends.values())
+
+
+async def _release(store: MetadataStore, cpu: CpuPool, backends: Iterable[Backend]) -> None:
+    for backend in backends:
+        with contextlib.suppress(Exception):
             await backend.close()
-        self.cpu.close()
-        await self.store.close()
+    cpu.close()
+    await store.close()
 
 
 async def _apply_config(store: MetadataStore, config: CairnConfig) -> None:
@@ -133,8 +145,12 @@ async def _apply_config(store: MetadataStore, config: CairnConfig) -> None:
             )
 
 
-async def open_pool(config: CairnConfig) -> Pool:
-    """Open the store (migrating it), record config facts in it, build the backends.
+async def open_pool(
+    config: CairnConfig, *, wrap_backend: Callable[[Backend], Backend] | None = None
+) -> Pool:
+    """Open the store (migrating it), record config facts in it, build backends and
+    services. ``wrap_backend`` lets tests put a fault-injecting wrapper around each
+    backend (outside the retry wrapper).
 
     Raises the store's errors (``SchemaTooNew``, ``StoreLocked``, ``StoreUnavailable``);
     nothing is left open when it raises.
@@ -145,25 +161,38 @@ async def open_pool(config: CairnConfig) -> Pool:
         b.name: Caps(b.api_request_limit, b.egress_byte_limit, b.ingress_byte_limit)
         for b in config.backends
     }
-    pool = Pool(config=config, store=store, cpu=CpuPool(), meter=UsageMeter(store, caps))
+    cpu = CpuPool()
+    meter = UsageMeter(store, caps)
+    backends: dict[str, Backend] = {}
     try:
         await _apply_config(store, config)
-        await pool.meter.reload()
-        pool.backends = {
-            spec.name: make_backend(spec, pool.meter.record) for spec in config.backends
-        }
+        await meter.reload()
+        for spec in config.backends:
+            backend = make_backend(spec, meter.record)
+            backends[spec.name] = wrap_backend(backend) if wrap_backend else backend
         states = {b.name: BackendState.READ_ONLY for b in config.backends if b.read_only}
-        pool.state = PoolState(
+        state = PoolState(
             store,
-            list(pool.backends.values()),
+            list(backends.values()),
             Router(Placement(config.pool.placement)),
-            pool.meter,
+            meter,
             states=states,
         )
-        chunks = ChunkStore(pool.state, pool.cpu, replicas=config.pool.replication_factor)
-        pool.objects = ObjectService(store, chunks, pool.cpu, chunk_size=config.pool.chunk_size)
-        pool.multipart = MultipartService(store, pool.objects)
+        chunks = ChunkStore(state, cpu, replicas=config.pool.replication_factor)
+        objects = ObjectService(store, chunks, cpu, chunk_size=config.pool.chunk_size)
+        return Pool(
+            config=config,
+            store=store,
+            cpu=cpu,
+            meter=meter,
+            backends=backends,
+            state=state,
+            chunks=chunks,
+            objects=objects,
+            multipart=MultipartService(store, objects),
+            gc=GcWorker(store, chunks),
+            janitor=Janitor(store),
+        )
     except BaseException:
-        await pool.close()
+        await _release(store, cpu, backends.values())
         raise
-    return pool
