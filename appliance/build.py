@@ -31,6 +31,7 @@ from appliance.meta.store import MetadataStore
 from appliance.placement.pool import PoolState
 from appliance.placement.router import BackendState, Placement, Router
 from appliance.placement.usage import Caps, UsageMeter
+from appliance.services.access import AccessService
 from appliance.services.multipart import MultipartService
 from appliance.services.objects import ObjectService
 from appliance.services.workers import GcWorker, Janitor
@@ -103,6 +104,7 @@ class Pool:
     multipart: MultipartService
     gc: GcWorker
     janitor: Janitor
+    access: AccessService
     _closed: bool = field(default=False, repr=False)
 
     async def close(self) -> None:
@@ -192,6 +194,7 @@ async def open_pool(
             multipart=MultipartService(store, objects),
             gc=GcWorker(store, chunks),
             janitor=Janitor(store),
+            access=AccessService(store),
         )
     except BaseException:
         await _release(store, cpu, backends.values())

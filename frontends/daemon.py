@@ -1,8 +1,8 @@
 """The daemon: opens the core and serves its HTTP endpoints until SIGTERM/SIGINT.
 
-Today it serves ``/health`` (the process is up) and ``/health/ready`` (the metadata
-store answers and every backend can be listed); the S3 API, admin API, workers and
-the FUSE mount are wired here as they land.
+It serves the S3 API, ``/health`` (the process is up) and ``/health/ready`` (the
+metadata store answers and every backend can be listed), and runs the background
+workers (GC, janitor, usage flush) in ``worker`` and ``all`` modes.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from appliance.build import Pool, open_pool
 from appliance.config import CairnConfig
 from appliance.meta.errors import MetaError
 from backends.errors import BackendError
+from frontends.s3.server import S3Frontend
 
 log = logging.getLogger("cairn.daemon")
 POOL_KEY = web.AppKey("pool", Pool)
@@ -46,11 +47,33 @@ async def _ready(request: web.Request) -> web.Response:
 
 def build_app(pool: Pool) -> web.Application:
     """The HTTP application of the daemon."""
-    app = web.Application()
+    app = web.Application(client_max_size=1024**2)
     app[POOL_KEY] = pool
     app.router.add_get("/health", _health)
     app.router.add_get("/health/ready", _ready)
+    S3Frontend(
+        pool.objects,
+        pool.multipart,
+        pool.access,
+        pool.cpu,
+        region=pool.config.server.region,
+    ).install(app)
     return app
+
+
+def _start_workers(pool: Pool, stop: asyncio.Event) -> list[asyncio.Task[None]]:
+    """Background workers of ``worker``/``all`` mode, stopped by ``stop``."""
+    from appliance.services.workers import UsageFlusher, run_forever
+
+    specs = [
+        ("gc", pool.gc.run_once, 5.0),
+        ("janitor", pool.janitor.run_once, 60.0),
+        ("usage", UsageFlusher(pool.meter).run_once, 10.0),
+    ]
+    return [
+        asyncio.create_task(run_forever(name, step, interval=interval, stop=stop), name=name)
+        for name, step, interval in specs
+    ]
 
 
 async def _run(config: CairnConfig, mode: str) -> int:
@@ -59,21 +82,29 @@ async def _run(config: CairnConfig, mode: str) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(build_app(pool), handle_signals=False)
+    runner = web.AppRunner(build_app(pool), handle_signals=False, shutdown_timeout=30)
+    workers: list[asyncio.Task[None]] = []
     try:
-        await runner.setup()
-        site = web.TCPSite(runner, config.server.host, config.server.port)
-        await site.start()
-        log.info(
-            "cairn %s mode listening on http://%s:%d (health endpoints; S3 API not yet served)",
-            mode,
-            config.server.host,
-            config.server.port,
-        )
+        if mode in ("worker", "all"):
+            workers = _start_workers(pool, stop)
+        if mode in ("api", "all"):
+            await runner.setup()
+            site = web.TCPSite(runner, config.server.host, config.server.port)
+            await site.start()
+            log.info(
+                "cairn (%s mode) serving S3 on http://%s:%d",
+                mode,
+                config.server.host,
+                config.server.port,
+            )
+        else:
+            log.info("cairn (worker mode) running background workers")
         await stop.wait()
-        log.info("stopping")
+        log.info("stopping: finishing in-flight requests")
     finally:
+        stop.set()
         await runner.cleanup()
+        await asyncio.gather(*workers, return_exceptions=True)
         await pool.close()
     return 0
 

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,11 +126,13 @@ class ChunkedWriter:
         *,
         size: int | None,
         identity: bool,
+        late_headers: Callable[[], Mapping[str, str]] | None = None,
     ) -> WriteResult:
         """Stream ``body`` into chunks of ``version`` (already begun, UPLOADING).
 
         With ``identity`` chunk 0 is held back and written last carrying the object's
-        identity. Raises ``IncompleteBody`` when the body length differs from ``size``,
+        identity (and ``late_headers()``, known once the body is read, e.g. checksums).
+        Raises ``IncompleteBody`` when the body length differs from ``size``,
         the chunk store's errors, and ``MetadataUnavailable``. The caller aborts the
         version on any error.
         """
@@ -202,7 +204,7 @@ class ChunkedWriter:
                     size=offset,
                     etag=etag,
                     chunk_count=index,
-                    headers=version.headers,
+                    headers={**version.headers, **(late_headers() if late_headers else {})},
                     user_metadata=version.user_metadata,
                 )
                 await self._write_one(version, prefix, 0, 0, data, digest, ident)
@@ -335,8 +337,12 @@ class ObjectService:
         headers: Mapping[str, str] | None = None,
         user_metadata: Mapping[str, str] | None = None,
         content_md5: bytes | None = None,
+        late_headers: Callable[[], Mapping[str, str]] | None = None,
     ) -> WriteResult:
         """Store ``body`` as the new current version of ``key``.
+
+        ``late_headers()`` is called once the body is fully read and its result is
+        stored with the object's headers (checksums computed from the body).
 
         Raises ``NoSuchBucket``, ``InvalidObjectName``, ``IncompleteBody``, ``BadDigest``
         (Content-MD5), ``NoCapacity``, ``BackendsUnavailable``, ``MetadataUnavailable``.
@@ -345,10 +351,18 @@ class ObjectService:
             bucket, key, kind=VersionKind.OBJECT, headers=headers, user_metadata=user_metadata
         )
         try:
-            result = await self.writer.write(version, body, size=size, identity=True)
+            result = await self.writer.write(
+                version, body, size=size, identity=True, late_headers=late_headers
+            )
             if content_md5 is not None and content_md5 != result.md5:
                 raise BadDigest("the Content-MD5 you specified did not match what was received")
-            await self._store.commit_version(version.version_id, size=result.size, etag=result.etag)
+            extra = late_headers() if late_headers else {}
+            await self._store.commit_version(
+                version.version_id,
+                size=result.size,
+                etag=result.etag,
+                headers={**version.headers, **extra} if extra else None,
+            )
         except BaseException:
             await self.abort(version.version_id)
             raise

@@ -1,0 +1,676 @@
+"""The S3 HTTP frontend (aiohttp): path-style requests onto the core's services.
+
+Every request is authenticated (SigV4 header or presigned URL), checked against the
+credential's grants on the bucket, and answered with S3's XML; every response carries
+``x-amz-request-id``. Bodies stream in and out: a PUT's body is decoded and verified
+piece by piece (aws-chunked signatures, checksums) on its way into the chunk writer,
+and a GET's chunks are written to the socket as they arrive.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import UTC, datetime
+from email.utils import format_datetime, parsedate_to_datetime
+from typing import Any
+from urllib.parse import unquote
+
+from aiohttp import web
+
+from appliance.clock import utcnow
+from appliance.data.cpu import CpuPool
+from appliance.errors import InvalidRange, NoSuchBucket
+from appliance.meta.models import Credential, ObjectVersion, Permission
+from appliance.services.access import AccessService
+from appliance.services.multipart import MAX_PART_NUMBER, MultipartService
+from appliance.services.objects import ObjectService
+from frontends.s3 import xml as s3xml
+from frontends.s3.chunked import RequestBody, strip_aws_chunked
+from frontends.s3.errormap import to_s3_error
+from frontends.s3.errors import S3Error
+from frontends.s3.sigv4 import AuthContext, RequestParts, SigV4Verifier
+
+log = logging.getLogger("cairn.s3")
+
+STORED_HEADERS = (
+    "Content-Type",
+    "Cache-Control",
+    "Content-Disposition",
+    "Content-Encoding",
+    "Content-Language",
+    "Expires",
+)
+CHECKSUM_HEADER_PREFIX = "x-amz-checksum-"
+META_PREFIX = "x-amz-meta-"
+MAX_KEYS = 1000
+DEFAULT_CONTENT_TYPE = "binary/octet-stream"
+RESPONSE_OVERRIDES = {
+    "response-content-type": "Content-Type",
+    "response-content-language": "Content-Language",
+    "response-expires": "Expires",
+    "response-cache-control": "Cache-Control",
+    "response-content-disposition": "Content-Disposition",
+    "response-content-encoding": "Content-Encoding",
+}
+UNSUPPORTED_SUBRESOURCES = (
+    "acl",
+    "policy",
+    "versioning",
+    "lifecycle",
+    "website",
+    "object-lock",
+    "retention",
+    "legal-hold",
+    "replication",
+    "encryption",
+    "logging",
+    "notification",
+    "tagging",
+    "cors",
+    "accelerate",
+    "requestPayment",
+    "inventory",
+    "analytics",
+    "metrics",
+    "ownershipControls",
+    "publicAccessBlock",
+    "intelligent-tiering",
+    "versions",
+    "torrent",
+    "restore",
+    "select",
+    "attributes",
+)
+
+
+class _Request:
+    """What the handlers need of one request after routing and authentication."""
+
+    def __init__(self, request: web.Request, bucket: str, key: str, credential: Credential) -> None:
+        self.http = request
+        self.bucket = bucket
+        self.key = key
+        self.credential = credential
+        self.query = request.query
+
+
+def _split_path(raw_path: str) -> tuple[str, str]:
+    """``(bucket, key)`` of a path-style request; key is percent-decoded only."""
+    path = raw_path.split("?", 1)[0]
+    if not path.startswith("/"):
+        raise S3Error("InvalidURI", "Couldn't parse the specified URI.", 400)
+    bucket, _, key = path[1:].partition("/")
+    try:
+        return unquote(bucket, errors="strict"), unquote(key, errors="strict")
+    except UnicodeDecodeError as exc:
+        raise S3Error("InvalidURI", "Couldn't parse the specified URI.", 400) from exc
+
+
+def _http_date(moment: datetime) -> str:
+    return format_datetime(moment.astimezone(UTC).replace(microsecond=0), usegmt=True)
+
+
+def _parse_http_date(value: str) -> datetime | None:
+    try:
+        parsed = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _int_param(
+    query: Mapping[str, str], name: str, default: int, *, low: int = 0, high: int = MAX_KEYS
+) -> int:
+    raw = query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise S3Error(
+            "InvalidArgument", f"Provided {name} not an integer or within integer range"
+        ) from exc
+    if value < low:
+        raise S3Error(
+            "InvalidArgument", f"Argument {name} must be an integer between {low} and 2147483647"
+        )
+    return min(value, high)
+
+
+def _token(marker: str) -> str:
+    return base64.urlsafe_b64encode(marker.encode("utf-8")).decode("ascii")
+
+
+def _untoken(token: str) -> str:
+    try:
+        return base64.urlsafe_b64decode(token.encode("ascii")).decode("utf-8")
+    except (ValueError, binascii.Error, UnicodeError) as exc:
+        raise S3Error("InvalidArgument", "The continuation token provided is incorrect") from exc
+
+
+def _stored_headers(request: web.Request) -> tuple[dict[str, str], dict[str, str]]:
+    """Headers kept with an object, and its user metadata (names lowercased)."""
+    headers: dict[str, str] = {}
+    for name in STORED_HEADERS:
+        value = request.headers.get(name)
+        if name == "Content-Encoding":
+            value = strip_aws_chunked(value)
+        if value:
+            headers[name] = value
+    meta = {
+        name[len(META_PREFIX) :].lower(): value
+        for name, value in request.headers.items()
+        if name.lower().startswith(META_PREFIX)
+    }
+    return headers, meta
+
+
+def _parse_range(value: str, size: int) -> tuple[int, int] | None:
+    """``[start, end)`` for a single ``bytes=`` range; None to serve the whole object.
+
+    Raises ``InvalidRange`` when the range starts past the end.
+    """
+    unit, _, spec = value.strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash:
+        return None
+    try:
+        if first == "":
+            suffix = int(last)
+            if suffix <= 0:
+                raise InvalidRange(value)
+            return (max(0, size - suffix), size) if size else _unsatisfiable(value)
+        start = int(first)
+        end = size if last == "" else min(int(last) + 1, size)
+    except ValueError:
+        return None
+    if start >= size or (last != "" and int(last) < start):
+        if last != "" and int(last) < start:
+            return None  # syntactically invalid: ignored, as S3 does
+        raise InvalidRange(value)
+    return start, end
+
+
+def _unsatisfiable(value: str) -> tuple[int, int]:
+    raise InvalidRange(value)
+
+
+class S3Frontend:
+    """aiohttp handler for the S3 API, over the core's services."""
+
+    def __init__(
+        self,
+        objects: ObjectService,
+        multipart: MultipartService,
+        access: AccessService,
+        cpu: CpuPool,
+        *,
+        region: str,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._objects = objects
+        self._multipart = multipart
+        self._access = access
+        self._cpu = cpu
+        self._region = region
+        self._clock = clock
+        self._verifier = SigV4Verifier(region)
+        self._host_id = secrets.token_hex(8)
+
+    def install(self, app: web.Application) -> None:
+        """Route every path not claimed before to the S3 API."""
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+
+    # -- entry -----------------------------------------------------------------------
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        request_id = secrets.token_hex(8).upper()
+        resource = request.path
+        try:
+            response = await self._dispatch(request)
+        except Exception as exc:  # mapped to an S3 error document below
+            error = to_s3_error(exc)
+            if error is None:
+                log.exception("internal error on %s %s", request.method, request.path)
+                error = S3Error("InternalError")
+            return self._error(request, error, resource, request_id)
+        response.headers["x-amz-request-id"] = request_id
+        response.headers["x-amz-id-2"] = self._host_id
+        return response
+
+    def _error(
+        self, request: web.Request, error: S3Error, resource: str, request_id: str
+    ) -> web.Response:
+        headers = {"x-amz-request-id": request_id, "x-amz-id-2": self._host_id}
+        if error.code == "NotModified":
+            return web.Response(status=304, headers=headers)
+        body = b""
+        if request.method != "HEAD":
+            body = s3xml.render_s3_error(
+                error, resource=resource, request_id=request_id, host_id=self._host_id
+            )
+        if error.code == "InvalidRange" and "size" in error.extra:
+            headers["Content-Range"] = f"bytes */{error.extra.pop('size')}"
+        response = web.Response(status=error.status, body=body, headers=headers)
+        if body:
+            response.content_type = "application/xml"
+        if error.status >= 500 or error.code in ("IncompleteBody", "XAmzContentSHA256Mismatch"):
+            response.force_close()
+        return response
+
+    async def _authenticate(self, request: web.Request) -> Credential:
+        parts = RequestParts(
+            request.method, request.raw_path, list(request.query.items()), request.headers
+        )
+        pending = self._verifier.prepare(parts, self._clock())
+        credential = await self._access.credential(pending.access_key)
+        auth = pending.finish(credential.secret if credential else None)
+        assert credential is not None  # finish() refuses an unknown key
+        request["cairn.auth"] = auth
+        return credential
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        bucket, key = _split_path(request.raw_path)
+        credential = await self._authenticate(request)
+        if not bucket:
+            if request.method != "GET":
+                raise S3Error(
+                    "MethodNotAllowed", "The specified method is not allowed against this resource."
+                )
+            return await self._list_buckets(credential)
+        req = _Request(request, bucket, key, credential)
+        for name in UNSUPPORTED_SUBRESOURCES:
+            if name in request.query:
+                raise S3Error(
+                    "NotImplemented", f"Cairn does not implement the '{name}' subresource."
+                )
+        if not key:
+            return await self._bucket_call(req)
+        return await self._object_call(req)
+
+    def _require(self, req: _Request, permission: Permission) -> None:
+        if not self._access.allows(req.credential, req.bucket, permission):
+            raise S3Error("AccessDenied", "Access Denied")
+
+    # -- service and bucket calls ----------------------------------------------------
+    async def _list_buckets(self, credential: Credential) -> web.Response:
+        buckets = await self._objects.list_buckets()
+        visible = set(self._access.visible_buckets(credential, [b.name for b in buckets]))
+        body = s3xml.render_list_buckets(
+            [s3xml.BucketInfo(b.name, b.created_at) for b in buckets if b.name in visible],
+            s3xml.Owner(credential.access_key, credential.access_key),
+        )
+        return web.Response(body=body, content_type="application/xml")
+
+    async def _bucket_call(self, req: _Request) -> web.StreamResponse:
+        method, query = req.http.method, req.query
+        if method == "HEAD":
+            self._require_any(req)
+            await self._objects.get_bucket(req.bucket)
+            return web.Response(headers={"x-amz-bucket-region": self._region})
+        if method == "GET":
+            if "location" in query:
+                self._require_any(req)
+                await self._objects.get_bucket(req.bucket)
+                return web.Response(
+                    body=s3xml.render_location_constraint(self._region),
+                    content_type="application/xml",
+                )
+            if "uploads" in query:
+                self._require(req, Permission.LIST)
+                return await self._list_uploads(req)
+            self._require(req, Permission.LIST)
+            if query.get("list-type") == "2":
+                return await self._list_objects(req, v2=True)
+            return await self._list_objects(req, v2=False)
+        if method == "PUT":
+            self._require_any(req)
+            try:
+                await self._objects.get_bucket(req.bucket)
+            except NoSuchBucket as exc:
+                raise S3Error(
+                    "AccessDenied", "Creating buckets needs the admin permission"
+                ) from exc
+            return web.Response(headers={"Location": f"/{req.bucket}"})
+        if method == "POST" and "delete" in query:
+            self._require(req, Permission.DELETE)
+            return await self._delete_objects(req)
+        if method == "DELETE":
+            raise S3Error(
+                "NotImplemented", "DeleteBucket is not available through S3 in this version."
+            )
+        raise S3Error(
+            "MethodNotAllowed", "The specified method is not allowed against this resource."
+        )
+
+    def _require_any(self, req: _Request) -> None:
+        if not any(self._access.allows(req.credential, req.bucket, p) for p in Permission):
+            raise S3Error("AccessDenied", "Access Denied")
+
+    async def _list_objects(self, req: _Request, *, v2: bool) -> web.Response:
+        query = req.query
+        prefix = query.get("prefix", "")
+        delimiter = query.get("delimiter") or None
+        encoding = s3xml.check_encoding_type(query.get("encoding-type"))
+        max_keys = _int_param(query, "max-keys", MAX_KEYS)
+        token = query.get("continuation-token") if v2 else None
+        start_after = query.get("start-after") if v2 else None
+        marker = query.get("marker") if not v2 else None
+        resume = _untoken(token) if token else (start_after or marker or None)
+        if max_keys == 0:
+            await self._objects.get_bucket(req.bucket)
+            entries: tuple[Any, ...] = ()
+            prefixes: tuple[str, ...] = ()
+            truncated, next_marker = False, None
+        else:
+            page = await self._objects.list_objects(
+                req.bucket, prefix=prefix, delimiter=delimiter, start_after=resume, limit=max_keys
+            )
+            entries, prefixes = page.entries, page.common_prefixes
+            truncated, next_marker = page.truncated, page.next_marker
+        owner = s3xml.Owner(req.credential.access_key, req.credential.access_key)
+        listing = s3xml.ListObjectsPage(
+            bucket=req.bucket,
+            max_keys=max_keys,
+            is_truncated=truncated,
+            contents=[
+                s3xml.ObjectInfo(e.key, e.last_modified, e.etag, e.size, owner=owner)
+                for e in entries
+            ],
+            common_prefixes=prefixes,
+            prefix=prefix,
+            delimiter=delimiter,
+            encoding_type=encoding,
+            marker=marker or "" if not v2 else None,
+            next_marker=next_marker if (not v2 and truncated and delimiter) else None,
+            continuation_token=token if v2 else None,
+            next_continuation_token=_token(next_marker)
+            if (v2 and truncated and next_marker)
+            else None,
+            start_after=start_after if v2 else None,
+            fetch_owner=query.get("fetch-owner") == "true",
+        )
+        body = (
+            s3xml.render_list_objects_v2(listing) if v2 else s3xml.render_list_objects_v1(listing)
+        )
+        return web.Response(body=body, content_type="application/xml")
+
+    async def _delete_objects(self, req: _Request) -> web.Response:
+        raw = await s3xml.read_xml_body(self._body(req.http, req))
+        request = s3xml.parse_delete(raw)
+        await self._objects.get_bucket(req.bucket)
+        deleted: list[s3xml.DeletedInfo] = []
+        failed: list[s3xml.DeleteErrorInfo] = []
+        for item in request.objects:
+            try:
+                await self._objects.delete_object(req.bucket, item.key)
+            except Exception as exc:  # reported per key, as S3 does
+                error = to_s3_error(exc) or S3Error("InternalError")
+                failed.append(s3xml.DeleteErrorInfo(item.key, error.code, error.message))
+                continue
+            if not request.quiet:
+                deleted.append(s3xml.DeletedInfo(item.key))
+        return web.Response(
+            body=s3xml.render_delete_result(deleted, failed), content_type="application/xml"
+        )
+
+    async def _list_uploads(self, req: _Request) -> web.Response:
+        query = req.query
+        prefix = query.get("prefix", "")
+        max_uploads = _int_param(query, "max-uploads", MAX_KEYS)
+        key_marker = query.get("key-marker") or None
+        id_marker = query.get("upload-id-marker") or None
+        uploads = await self._multipart.list_uploads(
+            req.bucket,
+            prefix=prefix,
+            key_marker=key_marker,
+            upload_id_marker=id_marker,
+            limit=max_uploads + 1,
+        )
+        truncated = len(uploads) > max_uploads
+        uploads = uploads[:max_uploads]
+        page = s3xml.ListUploadsPage(
+            bucket=req.bucket,
+            max_uploads=max_uploads,
+            is_truncated=truncated,
+            uploads=[s3xml.UploadInfo(u.key, u.upload_id, u.created_at) for u in uploads],
+            key_marker=key_marker or "",
+            upload_id_marker=id_marker or "",
+            next_key_marker=uploads[-1].key if truncated and uploads else None,
+            next_upload_id_marker=uploads[-1].upload_id if truncated and uploads else None,
+            prefix=prefix,
+            encoding_type=s3xml.check_encoding_type(query.get("encoding-type")),
+        )
+        return web.Response(
+            body=s3xml.render_list_multipart_uploads(page), content_type="application/xml"
+        )
+
+    # -- object calls ----------------------------------------------------------------
+    async def _object_call(self, req: _Request) -> web.StreamResponse:
+        method, query = req.http.method, req.query
+        if method in ("GET", "HEAD"):
+            self._require(req, Permission.READ)
+            if "uploadId" in query and method == "GET":
+                return await self._list_parts(req)
+            return await self._get_object(req, head=method == "HEAD")
+        if method == "PUT":
+            self._require(req, Permission.WRITE)
+            if "x-amz-copy-source" in req.http.headers:
+                raise S3Error(
+                    "NotImplemented", "CopyObject and UploadPartCopy arrive in a later version."
+                )
+            if "uploadId" in query or "partNumber" in query:
+                return await self._upload_part(req)
+            return await self._put_object(req)
+        if method == "DELETE":
+            self._require(req, Permission.DELETE if "uploadId" not in query else Permission.WRITE)
+            if "uploadId" in query:
+                upload = await self._multipart.get(query["uploadId"], req.bucket, req.key)
+                await self._multipart.abort(upload)
+                return web.Response(status=204)
+            await self._objects.delete_object(req.bucket, req.key)
+            return web.Response(status=204)
+        if method == "POST":
+            self._require(req, Permission.WRITE)
+            if "uploads" in query:
+                headers, meta = _stored_headers(req.http)
+                upload = await self._multipart.create(
+                    req.bucket, req.key, headers=headers, user_metadata=meta
+                )
+                body = s3xml.render_initiate_multipart_upload(req.bucket, req.key, upload.upload_id)
+                return web.Response(body=body, content_type="application/xml")
+            if "uploadId" in query:
+                return await self._complete(req)
+        raise S3Error(
+            "MethodNotAllowed", "The specified method is not allowed against this resource."
+        )
+
+    def _body(self, request: web.Request, req: _Request | None = None) -> RequestBody:
+        auth: AuthContext = request["cairn.auth"]
+
+        async def offload(step: Callable[[], None]) -> None:
+            await self._cpu.run(step)
+
+        return RequestBody(request.content.read, request.headers, auth, offload=offload)
+
+    def _declared_size(self, request: web.Request) -> int | None:
+        decoded = request.headers.get("x-amz-decoded-content-length")
+        raw = decoded if decoded is not None else request.headers.get("Content-Length")
+        if raw is None:
+            if request.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                return None
+            raise S3Error(
+                "MissingContentLength", "You must provide the Content-Length HTTP header."
+            )
+        try:
+            size = int(raw)
+        except ValueError as exc:
+            raise S3Error("InvalidArgument", "Content-Length is not a number") from exc
+        if size < 0:
+            raise S3Error("InvalidArgument", "Content-Length must not be negative")
+        return size
+
+    async def _put_object(self, req: _Request) -> web.Response:
+        size = self._declared_size(req.http)
+        body = self._body(req.http)
+        headers, meta = _stored_headers(req.http)
+        result = await self._objects.put_object(
+            req.bucket,
+            req.key,
+            body,
+            size=size,
+            headers=headers,
+            user_metadata=meta,
+            late_headers=lambda: {alg.header: value for alg, value in body.checksums.items()},
+        )
+        response = web.Response(headers={"ETag": s3xml.quote_etag(result.etag)})
+        for algorithm, value in body.checksums.items():
+            response.headers[algorithm.header] = value
+        return response
+
+    async def _upload_part(self, req: _Request) -> web.Response:
+        query = req.query
+        try:
+            part_number = int(query.get("partNumber", ""))
+        except ValueError as exc:
+            raise S3Error(
+                "InvalidArgument", "Part number must be an integer between 1 and 10000, inclusive"
+            ) from exc
+        if not 1 <= part_number <= MAX_PART_NUMBER:
+            raise S3Error(
+                "InvalidArgument", "Part number must be an integer between 1 and 10000, inclusive"
+            )
+        upload = await self._multipart.get(query.get("uploadId", ""), req.bucket, req.key)
+        size = self._declared_size(req.http)
+        body = self._body(req.http)
+        result = await self._multipart.upload_part(upload, part_number, body, size=size)
+        response = web.Response(headers={"ETag": s3xml.quote_etag(result.etag)})
+        for algorithm, value in body.checksums.items():
+            response.headers[algorithm.header] = value
+        return response
+
+    async def _complete(self, req: _Request) -> web.StreamResponse:
+        upload = await self._multipart.get(req.query["uploadId"], req.bucket, req.key)
+        raw = await s3xml.read_xml_body(self._body(req.http))
+        parts = s3xml.parse_complete_multipart_upload(raw)
+        done = await self._multipart.complete(upload, [(p.part_number, p.etag) for p in parts])
+        location = f"/{req.bucket}/{req.key}"
+        body = s3xml.render_complete_multipart_upload(location, done.bucket, done.key, done.etag)
+        return web.Response(body=body, content_type="application/xml")
+
+    async def _list_parts(self, req: _Request) -> web.Response:
+        upload = await self._multipart.get(req.query["uploadId"], req.bucket, req.key)
+        max_parts = _int_param(req.query, "max-parts", MAX_KEYS)
+        marker = _int_param(req.query, "part-number-marker", 0, high=MAX_PART_NUMBER)
+        parts = await self._multipart.list_parts(upload, marker=marker, limit=max_parts + 1)
+        truncated = len(parts) > max_parts
+        parts = parts[:max_parts]
+        page = s3xml.ListPartsPage(
+            bucket=req.bucket,
+            key=req.key,
+            upload_id=upload.upload_id,
+            max_parts=max_parts,
+            is_truncated=truncated,
+            parts=[s3xml.PartInfo(p.part_number, p.created_at, p.etag, p.size) for p in parts],
+            part_number_marker=marker,
+            next_part_number_marker=parts[-1].part_number if parts else None,
+        )
+        return web.Response(body=s3xml.render_list_parts(page), content_type="application/xml")
+
+    async def _get_object(self, req: _Request, *, head: bool) -> web.StreamResponse:
+        if "partNumber" in req.query:
+            raise S3Error("NotImplemented", "GetObject with partNumber arrives in a later version.")
+        handle = await self._objects.open_object(req.bucket, req.key)
+        version = handle.version
+        _check_conditions(req.http, version)
+        headers = self._object_headers(req, version)
+        start, end, status = 0, version.size, 200
+        range_header = req.http.headers.get("Range")
+        if range_header:
+            try:
+                chosen = _parse_range(range_header, version.size)
+            except InvalidRange as exc:
+                raise S3Error(
+                    "InvalidRange",
+                    "The requested range is not satisfiable",
+                    ActualObjectSize=str(version.size),
+                    RangeRequested=range_header,
+                    size=str(version.size),
+                ) from exc
+            if chosen is not None:
+                start, end = chosen
+                status = 206
+                headers["Content-Range"] = f"bytes {start}-{end - 1}/{version.size}"
+        headers["Content-Length"] = str(end - start)
+        if head:
+            return web.Response(status=status, headers=headers)
+        response = web.StreamResponse(status=status, headers=headers)
+        stream: AsyncIterator[bytes] = self._objects.read(handle, start, end)
+        first = await anext(stream, None) if end > start else None
+        await response.prepare(req.http)
+        try:
+            if first is not None:
+                await response.write(first)
+                async for piece in stream:
+                    await response.write(piece)
+        except Exception:
+            log.exception("read of %s/%s failed after the response started", req.bucket, req.key)
+            if req.http.transport is not None:
+                req.http.transport.close()
+            raise
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+        await response.write_eof()
+        return response
+
+    def _object_headers(self, req: _Request, version: ObjectVersion) -> dict[str, str]:
+        headers: dict[str, str] = {
+            "ETag": s3xml.quote_etag(version.etag),
+            "Last-Modified": _http_date(version.created_at),
+            "Accept-Ranges": "bytes",
+            "Content-Type": DEFAULT_CONTENT_TYPE,
+        }
+        checksum_mode = req.http.headers.get("x-amz-checksum-mode", "").upper() == "ENABLED"
+        for name, value in version.headers.items():
+            if name.lower().startswith(CHECKSUM_HEADER_PREFIX):
+                if checksum_mode and "Range" not in req.http.headers:
+                    headers[name] = value
+                continue
+            headers[name] = value
+        for name, value in version.user_metadata.items():
+            headers[f"{META_PREFIX}{name}"] = value
+        for param, header in RESPONSE_OVERRIDES.items():
+            if param in req.query:
+                headers[header] = req.query[param]
+        return headers
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    wanted = [t.strip().strip('"') for t in header.split(",")]
+    return "*" in wanted or etag.strip('"') in wanted
+
+
+def _check_conditions(request: web.Request, version: ObjectVersion) -> None:
+    """RFC 7232 / S3 conditional GET and HEAD. Raises PreconditionFailed or NotModified."""
+    modified = version.created_at.replace(microsecond=0)
+    if_match = request.headers.get("If-Match")
+    if_none_match = request.headers.get("If-None-Match")
+    if if_match is not None:
+        if not _etag_matches(if_match, version.etag):
+            raise S3Error("PreconditionFailed", Condition="If-Match")
+    elif (since := request.headers.get("If-Unmodified-Since")) is not None:
+        moment = _parse_http_date(since)
+        if moment is not None and modified > moment:
+            raise S3Error("PreconditionFailed", Condition="If-Unmodified-Since")
+    if if_none_match is not None:
+        if _etag_matches(if_none_match, version.etag):
+            raise S3Error("NotModified")
+    elif (since := request.headers.get("If-Modified-Since")) is not None:
+        moment = _parse_http_date(since)
+        if moment is not None and modified <= moment:
+            raise S3Error("NotModified")
