@@ -47,6 +47,8 @@ from appliance.meta.store import MetadataStore
 log = logging.getLogger("cairn.objects")
 
 MAX_KEY_BYTES = 1024
+INLINE_HASH_LIMIT = 256 * 1024
+"""Chunks smaller than this are hashed on the loop: cheaper than a thread hop."""
 
 
 def check_key(key: str) -> None:
@@ -80,9 +82,7 @@ class ObjectHandle:
     layout: tuple[ChunkPlacement, ...]
 
 
-def _hash_chunk(md5: hashlib._Hash | None, data: bytes) -> bytes:
-    if md5 is not None:
-        md5.update(data)
+def _sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
@@ -140,16 +140,16 @@ class ChunkedWriter:
         prefix = self.prefix(version.bucket, version.key)
         slots = asyncio.Semaphore(self._write_ahead)
         pending: set[asyncio.Task[None]] = set()
-        hash_chain: asyncio.Task[bytes] | None = None
-        held: tuple[bytes, asyncio.Task[bytes]] | None = None
+        md5_chain: asyncio.Task[None] | None = None
+        held: tuple[bytes, asyncio.Future[bytes]] | None = None
         index = 0
         offset = 0
         buffer = bytearray()
 
-        async def hashed(prev: asyncio.Task[bytes] | None, data: bytes) -> bytes:
+        async def md5_after(prev: asyncio.Task[None] | None, data: bytes) -> None:
             if prev is not None:
                 await prev
-            return await self._cpu.run(_hash_chunk, md5, data)
+            await self._cpu.run(md5.update, data)
 
         def check_failures() -> None:
             for task in [t for t in pending if t.done()]:
@@ -157,9 +157,17 @@ class ChunkedWriter:
                 task.result()  # re-raise the first failure at once
 
         async def submit(data: bytes) -> None:
-            nonlocal hash_chain, held, index, offset
-            digest = asyncio.ensure_future(hashed(hash_chain, data))
-            hash_chain = digest
+            nonlocal md5_chain, held, index, offset
+            digest: asyncio.Future[bytes]
+            if len(data) < INLINE_HASH_LIMIT and (md5_chain is None or md5_chain.done()):
+                # small: hashing inline is cheaper than two thread hops
+                md5.update(data)
+                digest = asyncio.get_running_loop().create_future()
+                digest.set_result(_sha256(data))
+            else:
+                # MD5 runs over the chunks in order; each chunk's SHA-256 in parallel.
+                md5_chain = asyncio.ensure_future(md5_after(md5_chain, data))
+                digest = asyncio.ensure_future(self._cpu.run(_sha256, data))
             this_index, this_offset = index, offset
             index += 1
             offset += len(data)
@@ -193,8 +201,8 @@ class ChunkedWriter:
             if pending:
                 await asyncio.gather(*pending)
             pending.clear()
-            assert hash_chain is not None
-            await hash_chain
+            if md5_chain is not None:
+                await md5_chain
             etag = md5.hexdigest()
             if held is not None:
                 data, digest = held
@@ -214,8 +222,8 @@ class ChunkedWriter:
             # ``write_ahead``): a write cut off between its blob PUT and its metadata
             # row would leave a blob nobody knows about. The caller's abort frees them.
             leftovers: list[asyncio.Future[Any]] = [*pending]
-            if hash_chain is not None:
-                leftovers.append(hash_chain)
+            if md5_chain is not None:
+                leftovers.append(md5_chain)
             for leftover in leftovers:
                 with contextlib.suppress(BaseException):
                     await leftover

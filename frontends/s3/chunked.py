@@ -58,6 +58,8 @@ Offload = Callable[[Callable[[], None]], Awaitable[None]]
 ``lambda step: loop.run_in_executor(pool, step)``. Without it hashing runs inline."""
 
 DEFAULT_MAX_CHUNK_SIZE = 16 * 1024 * 1024
+OFFLOAD_MIN_PIECE = 256 * 1024
+"""Pieces smaller than this are hashed inline: the thread hop would cost more."""
 MAX_LINE = 4096
 MAX_TRAILER_LINES = 32
 TRAILER_SIGNATURE = "x-amz-trailer-signature"
@@ -573,7 +575,11 @@ class RequestBody:
             self.length += len(piece)
             if self._content_length is not None and self.length > self._content_length:
                 raise S3Error("InvalidRequest", "The body is longer than Content-Length.")
-            await _run(self._offload, functools.partial(self._hash_plain, digest, piece))
+            if digest is not None or self._verifier.algorithms:
+                if len(piece) >= OFFLOAD_MIN_PIECE:
+                    await _run(self._offload, functools.partial(self._hash_plain, digest, piece))
+                else:  # a thread hop costs more than hashing a small piece inline
+                    self._hash_plain(digest, piece)
             yield piece
         if self._content_length is not None and self.length != self._content_length:
             raise S3Error("IncompleteBody")
