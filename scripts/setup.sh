@@ -29,6 +29,8 @@ if ! command -v "$python" >/dev/null 2>&1 || ! "$python" -c "import ensurepip, v
 fi
 # FUSE (for the mount frontend): wanted, not required for the other layers.
 apt_install fuse3 libfuse3-dev pkg-config gcc || log "FUSE packages could not be installed"
+# Real S3 clients for the end-to-end tests.
+apt_install rclone || log "rclone could not be installed"
 
 stamp="$venv/.cairn-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
