@@ -19,7 +19,7 @@ from appliance.data.cpu import CpuPool
 from appliance.errors import BackendsUnavailable, DataCorrupted, NoCapacity
 from appliance.meta.models import Chunk, Location, NewChunk
 from appliance.placement.pool import PoolState
-from backends.base import ByteRange
+from backends.base import BlobStream, ByteRange
 from backends.errors import BackendError
 
 log = logging.getLogger("cairn.chunks")
@@ -127,7 +127,7 @@ class ChunkStore:
             if reservation_id is not None:
                 await self._pool.store.release_reservation(reservation_id)
 
-    async def _digest(self, data: bytes) -> bytes:
+    async def _digest(self, data: bytes | bytearray) -> bytes:
         if len(data) < INLINE_HASH_LIMIT:
             return _sha256(data)
         return await self._cpu.run(_sha256, data)
@@ -143,7 +143,7 @@ class ChunkStore:
 
     async def read(
         self, chunk: Chunk, locations: Sequence[Location], start: int, end: int
-    ) -> bytes:
+    ) -> bytes | bytearray:
         """Plaintext bytes ``[start, end)`` of ``chunk``, from the first replica that works.
 
         Raises ``DataCorrupted`` when every replica returned wrong bytes and
@@ -167,7 +167,7 @@ class ChunkStore:
                     location.blob_key, ByteRange(header_len + start, header_len + end)
                 )
                 try:
-                    data = b"".join([piece async for piece in stream])
+                    data = await _collect(stream, end - start)
                 finally:
                     await stream.aclose()
             except (BackendError, KeyError) as exc:
@@ -193,5 +193,23 @@ INLINE_HASH_LIMIT = 256 * 1024
 """Chunks smaller than this are verified on the loop: cheaper than a thread hop."""
 
 
-def _sha256(data: bytes) -> bytes:
+async def _collect(stream: BlobStream, expected: int) -> bytearray:
+    """Read a stream into one buffer of ``expected`` bytes (no list of pieces, no join);
+    a stream longer than expected is cut, a shorter one returns what it had."""
+    buffer = bytearray(expected)
+    view = memoryview(buffer)
+    filled = 0
+    async for piece in stream:
+        take = min(len(piece), expected - filled)
+        view[filled : filled + take] = piece[:take]
+        filled += take
+        if filled == expected:
+            break
+    view.release()
+    if filled < expected:
+        del buffer[filled:]
+    return buffer
+
+
+def _sha256(data: bytes | bytearray) -> bytes:
     return hashlib.sha256(data).digest()

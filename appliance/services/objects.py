@@ -82,7 +82,7 @@ class ObjectHandle:
     layout: tuple[ChunkPlacement, ...]
 
 
-def _sha256(data: bytes) -> bytes:
+def _sha256(data: bytes | bytearray) -> bytes:
     return hashlib.sha256(data).digest()
 
 
@@ -141,12 +141,12 @@ class ChunkedWriter:
         slots = asyncio.Semaphore(self._write_ahead)
         pending: set[asyncio.Task[None]] = set()
         md5_chain: asyncio.Task[None] | None = None
-        held: tuple[bytes, asyncio.Future[bytes]] | None = None
+        held: tuple[bytearray, asyncio.Future[bytes]] | None = None
         index = 0
         offset = 0
         buffer = bytearray()
 
-        async def md5_after(prev: asyncio.Task[None] | None, data: bytes) -> None:
+        async def md5_after(prev: asyncio.Task[None] | None, data: bytearray) -> None:
             if prev is not None:
                 await prev
             await self._cpu.run(md5.update, data)
@@ -156,7 +156,7 @@ class ChunkedWriter:
                 pending.discard(task)
                 task.result()  # re-raise the first failure at once
 
-        async def submit(data: bytes) -> None:
+        async def submit(data: bytearray) -> None:
             nonlocal md5_chain, held, index, offset
             digest: asyncio.Future[bytes]
             if len(data) < INLINE_HASH_LIMIT and (md5_chain is None or md5_chain.done()):
@@ -190,12 +190,12 @@ class ChunkedWriter:
                     buffer += view[:take]
                     view = view[take:]
                     if len(buffer) == self._chunk_size:
-                        await submit(bytes(buffer))
-                        buffer = bytearray()
+                        full, buffer = buffer, bytearray()  # hand over, no copy
+                        await submit(full)
                 if size is not None and offset + len(buffer) > size:
                     raise IncompleteBody(f"the body is longer than the declared {size} bytes")
             if buffer or index == 0:
-                await submit(bytes(buffer))
+                await submit(buffer)
             if size is not None and offset != size:
                 raise IncompleteBody(f"the body ended after {offset} of {size} bytes")
             if pending:
@@ -235,7 +235,7 @@ class ChunkedWriter:
         prefix: str,
         index: int,
         offset: int,
-        data: bytes,
+        data: bytearray,
         digest: Awaitable[bytes],
         identity: ObjectIdentity | None,
     ) -> None:
@@ -398,15 +398,15 @@ class ObjectService:
 
     def read(
         self, handle: ObjectHandle, start: int = 0, end: int | None = None
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncIterator[bytes | bytearray]:
         """Stream bytes ``[start, end)`` of an opened version (end defaults to its size)."""
         stop = handle.version.size if end is None else min(end, handle.version.size)
         return self._read_ranges(_plan(handle.layout, start, stop))
 
     async def _read_ranges(
         self, plan: Sequence[tuple[ChunkPlacement, int, int]]
-    ) -> AsyncIterator[bytes]:
-        window: list[asyncio.Task[bytes]] = []
+    ) -> AsyncIterator[bytes | bytearray]:
+        window: list[asyncio.Task[bytes | bytearray]] = []
         next_index = 0
 
         def fill() -> None:
