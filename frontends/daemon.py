@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -22,6 +23,8 @@ from frontends.s3.server import S3Frontend
 
 log = logging.getLogger("cairn.daemon")
 POOL_KEY = web.AppKey("pool", Pool)
+SHUTDOWN_GRACE = 30
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 async def _health(_: web.Request) -> web.Response:
@@ -45,10 +48,39 @@ async def _ready(request: web.Request) -> web.Response:
     return web.json_response({"ready": not problems, "problems": problems}, status=status)
 
 
+class InFlight:
+    """Counts requests being served, so shutdown can wait until none is left."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        self.count += 1
+        self.idle.clear()
+        try:
+            return await handler(request)
+        finally:
+            self.count -= 1
+            if self.count == 0:
+                self.idle.set()
+
+
+INFLIGHT_KEY = web.AppKey("inflight", InFlight)
+
+
 def build_app(pool: Pool) -> web.Application:
-    """The HTTP application of the daemon."""
-    app = web.Application(client_max_size=1024**2)
+    """The HTTP application of the daemon: health endpoints, then the S3 API."""
+    inflight = InFlight()
+    app = web.Application(
+        client_max_size=1024**2,
+        middlewares=[inflight.middleware],
+        handler_args=S3Frontend.handler_args(),
+    )
     app[POOL_KEY] = pool
+    app[INFLIGHT_KEY] = inflight
     app.router.add_get("/health", _health)
     app.router.add_get("/health/ready", _ready)
     S3Frontend(
@@ -82,7 +114,8 @@ async def _run(config: CairnConfig, mode: str) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(build_app(pool), handle_signals=False, shutdown_timeout=30)
+    app = build_app(pool)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=30)
     workers: list[asyncio.Task[None]] = []
     try:
         if mode in ("worker", "all"):
@@ -101,6 +134,18 @@ async def _run(config: CairnConfig, mode: str) -> int:
             log.info("cairn (worker mode) running background workers")
         await stop.wait()
         log.info("stopping: finishing in-flight requests")
+        # Stop accepting first, then let requests in flight finish (bodies included):
+        # aiohttp's cleanup alone would stop reading the bodies of uploads in progress.
+        for listener in list(runner.sites):
+            await listener.stop()
+        try:
+            await asyncio.wait_for(app[INFLIGHT_KEY].idle.wait(), SHUTDOWN_GRACE)
+        except TimeoutError:
+            log.warning(
+                "%d requests still running after %d s; closing them",
+                app[INFLIGHT_KEY].count,
+                SHUTDOWN_GRACE,
+            )
     finally:
         stop.set()
         await runner.cleanup()

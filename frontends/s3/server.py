@@ -13,6 +13,7 @@ import base64
 import binascii
 import logging
 import secrets
+import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
@@ -20,6 +21,8 @@ from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from appliance.clock import utcnow
 from appliance.data.cpu import CpuPool
@@ -35,6 +38,8 @@ from frontends.s3.errors import S3Error
 from frontends.s3.sigv4 import AuthContext, RequestParts, SigV4Verifier
 
 log = logging.getLogger("cairn.s3")
+
+REQUEST_ID_KEY = "cairn.request_id"
 
 STORED_HEADERS = (
     "Content-Type",
@@ -224,17 +229,53 @@ class S3Frontend:
         self._host_id = secrets.token_hex(8)
 
     def install(self, app: web.Application) -> None:
-        """Route every path not claimed before to the S3 API."""
+        """Route every path not claimed before to the S3 API. Build ``app`` with
+        ``handler_args=S3Frontend.handler_args()``."""
         app.router.add_route("*", "/{tail:.*}", self.handle)
+        app.on_response_prepare.append(self._stamp_ids)
+
+    @staticmethod
+    def handler_args() -> dict[str, Any]:
+        """aiohttp connection options an app serving S3 needs:
+
+        - request-body decompression off: in S3, ``Content-Encoding`` (gzip, deflate, br)
+          describes the object being stored, and its bytes must be kept exactly as sent
+          (and as signed). Left on, aiohttp would store the decompressed body (or fail
+          with a 500 on bytes that are not gzip).
+        - a protocol logger that reports malformed HTTP from a client (bad chunked
+          framing, oversized headers) at INFO, not as a server ERROR with a traceback.
+        """
+        return {
+            "auto_decompress": False,
+            "logger": _HttpLogger(logging.getLogger("cairn.s3.http"), {}),
+        }
+
+    async def _stamp_ids(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Every S3 response carries its request id, streamed ones too (headers go out at
+        ``prepare``, before the handler returns)."""
+        request_id = request.get(REQUEST_ID_KEY)
+        if request_id is not None:
+            response.headers["x-amz-request-id"] = request_id
+            response.headers["x-amz-id-2"] = self._host_id
 
     # -- entry -----------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
         request_id = secrets.token_hex(8).upper()
+        request[REQUEST_ID_KEY] = request_id
         resource = request.path
         try:
             response = await self._dispatch(request)
         except Exception as exc:  # mapped to an S3 error document below
             error = to_s3_error(exc)
+            if error is None and _client_gone(request, exc):
+                # The client hung up while sending its body: nothing was stored and
+                # nobody is left to answer. Not a server error.
+                log.info("%s %s: the client went away: %r", request.method, request.path, exc)
+                error = S3Error("IncompleteBody")
+            elif error is None and isinstance(exc, RequestPayloadError):
+                # aiohttp could not parse the body's HTTP framing: the client's fault.
+                log.info("%s %s: malformed request body: %s", request.method, request.path, exc)
+                error = S3Error("IncompleteBody")
             if error is None:
                 log.exception("internal error on %s %s", request.method, request.path)
                 error = S3Error("InternalError")
@@ -465,7 +506,9 @@ class S3Frontend:
                     "NotImplemented", "CopyObject and UploadPartCopy arrive in a later version."
                 )
             if "uploadId" in query or "partNumber" in query:
+                _refuse_unsupported_writes(req.http, conditional=False, object_level=False)
                 return await self._upload_part(req)
+            _refuse_unsupported_writes(req.http, conditional=True, object_level=True)
             return await self._put_object(req)
         if method == "DELETE":
             self._require(req, Permission.DELETE if "uploadId" not in query else Permission.WRITE)
@@ -478,6 +521,7 @@ class S3Frontend:
         if method == "POST":
             self._require(req, Permission.WRITE)
             if "uploads" in query:
+                _refuse_unsupported_writes(req.http, conditional=False, object_level=True)
                 headers, meta = _stored_headers(req.http)
                 upload = await self._multipart.create(
                     req.bucket, req.key, headers=headers, user_metadata=meta
@@ -485,6 +529,7 @@ class S3Frontend:
                 body = s3xml.render_initiate_multipart_upload(req.bucket, req.key, upload.upload_id)
                 return web.Response(body=body, content_type="application/xml")
             if "uploadId" in query:
+                _refuse_unsupported_writes(req.http, conditional=True, object_level=False)
                 return await self._complete(req)
         raise S3Error(
             "MethodNotAllowed", "The specified method is not allowed against this resource."
@@ -610,22 +655,30 @@ class S3Frontend:
         if head:
             return web.Response(status=status, headers=headers)
         response = web.StreamResponse(status=status, headers=headers)
-        stream: AsyncIterator[bytes] = self._objects.read(handle, start, end)
-        first = await anext(stream, None) if end > start else None
-        await response.prepare(req.http)
+        stream: AsyncIterator[bytes | bytearray] = self._objects.read(handle, start, end)
         try:
+            first = await anext(stream, None) if end > start else None
+            await response.prepare(req.http)
             if first is not None:
                 await response.write(first)
                 async for piece in stream:
                     await response.write(piece)
-        except Exception:
-            log.exception("read of %s/%s failed after the response started", req.bucket, req.key)
+            await response.write_eof()
+        except Exception as exc:
+            if not response.prepared:
+                raise  # nothing sent yet: answered with an S3 error document
+            # Headers (and a Content-Length) are out: the only honest signal left is to cut
+            # the connection, so the client sees a short body instead of wrong bytes.
+            if _client_gone(req.http, exc):
+                log.info("GET %s/%s: the client went away: %r", req.bucket, req.key, exc)
+            else:
+                log.exception(
+                    "read of %s/%s failed after the response started", req.bucket, req.key
+                )
             if req.http.transport is not None:
                 req.http.transport.close()
-            raise
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
-        await response.write_eof()
         return response
 
     def _object_headers(self, req: _Request, version: ObjectVersion) -> dict[str, str]:
@@ -648,6 +701,71 @@ class S3Frontend:
             if param in req.query:
                 headers[header] = req.query[param]
         return headers
+
+
+class _HttpLogger(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's per-connection logger: a 4xx protocol error is the client's doing."""
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        if isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 0) < 500:
+            self.logger.info("%s: %r", str(msg) % args if args else msg, exc)
+            return
+        self.logger.error(msg, *args, exc_info=exc_info, **kwargs)
+
+
+SSE_C_HEADERS = (
+    "x-amz-server-side-encryption-customer-algorithm",
+    "x-amz-server-side-encryption-customer-key",
+    "x-amz-server-side-encryption-customer-key-md5",
+)
+OBJECT_LOCK_HEADERS = (
+    "x-amz-object-lock-mode",
+    "x-amz-object-lock-retain-until-date",
+    "x-amz-object-lock-legal-hold",
+)
+
+
+def _refuse_unsupported_writes(
+    request: web.Request, *, conditional: bool, object_level: bool
+) -> None:
+    """Refuse write options whose promise Cairn cannot keep, instead of ignoring them.
+
+    Ignored, each would tell the client something false: a conditional write
+    (``If-None-Match: *``, ``If-Match``) would silently overwrite; SSE-C or SSE-KMS
+    would store the object without the client's key (and serve it to anyone who may
+    read the bucket); Object Lock would leave a "retained" object deletable. Other
+    unsupported options (ACLs, tags, storage classes) are ignored as before.
+    """
+    headers = request.headers
+    if conditional and ("If-None-Match" in headers or "If-Match" in headers):
+        raise S3Error(
+            "NotImplemented",
+            "Conditional writes (If-None-Match, If-Match) are not implemented; "
+            "nothing was written.",
+        )
+    if any(name in headers for name in SSE_C_HEADERS):
+        raise S3Error(
+            "NotImplemented",
+            "Server-side encryption with customer-provided keys (SSE-C) is not implemented.",
+        )
+    if not object_level:
+        return
+    sse = headers.get("x-amz-server-side-encryption", "")
+    if sse.lower().startswith("aws:kms") or "x-amz-server-side-encryption-aws-kms-key-id" in (
+        headers
+    ):
+        raise S3Error("NotImplemented", "Server-side encryption with KMS keys is not implemented.")
+    if any(name in headers for name in OBJECT_LOCK_HEADERS):
+        raise S3Error("InvalidRequest", "Bucket is missing Object Lock Configuration")
+
+
+def _client_gone(request: web.Request, exc: BaseException) -> bool:
+    """True when ``exc`` is the client's connection failing (reset, closed, broken pipe)."""
+    if not isinstance(exc, ConnectionError):
+        return False
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 def _etag_matches(header: str, etag: str) -> bool:
