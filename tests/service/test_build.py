@@ -2,36 +2,18 @@
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 
 from appliance.build import POOL_SECRET_SETTING, open_pool
 from appliance.config import CairnConfig, parse_config
 from appliance.meta.errors import StoreLocked
 from appliance.meta.models import Permission
-from tests.conftest import pg_dsn
 from tests.fixtures_moto import MotoS3
 
 pytestmark = pytest.mark.service
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def database(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    """The ``database`` config section for each store kind (a fresh PG schema)."""
-    if request.param == "sqlite":
-        yield {"sqlite": {"path": str(tmp_path / "cairn.db")}}
-        return
-    dsn = pg_dsn()
-    schema = f"t_{uuid.uuid4().hex[:16]}"
-    conn = await asyncpg.connect(dsn)
-    await conn.execute(f"CREATE SCHEMA {schema}")
-    yield {"postgres": {"dsn": dsn, "schema": schema}}
-    await conn.execute(f"DROP SCHEMA {schema} CASCADE")
-    await conn.close()
 
 
 def make_config(

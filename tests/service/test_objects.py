@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 
 from appliance.build import Pool, open_pool
@@ -25,25 +23,10 @@ from appliance.errors import (
     NoSuchUpload,
 )
 from appliance.services.multipart import MultipartService
-from tests.conftest import pg_dsn
 
 pytestmark = pytest.mark.service
 KiB = 1024
 CHUNK = 64 * KiB
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def database(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    if request.param == "sqlite":
-        yield {"sqlite": {"path": str(tmp_path / "cairn.db")}}
-        return
-    dsn = pg_dsn()
-    schema = f"t_{uuid.uuid4().hex[:16]}"
-    conn = await asyncpg.connect(dsn)
-    await conn.execute(f"CREATE SCHEMA {schema}")
-    yield {"postgres": {"dsn": dsn, "schema": schema}}
-    await conn.execute(f"DROP SCHEMA {schema} CASCADE")
-    await conn.close()
 
 
 async def make_pool(
