@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from appliance.build import Pool, open_pool
+from appliance.clock import month_of, utcnow
 from appliance.config import parse_config
 from appliance.errors import (
     EntityTooSmall,
@@ -203,3 +204,31 @@ async def test_abort_and_replace_parts(pool: Pool, tmp_path: Path) -> None:
     await run_gc(pool)
     assert all(disk_bytes(tmp_path, n) == 0 for n in ("d0", "d1", "d2"))
     assert all(s.used_bytes == 0 and s.reserved_bytes == 0 for s in await pool.store.get_space())
+
+
+async def test_writes_overflow_when_a_backend_reaches_its_request_cap(tmp_path: Path) -> None:
+    raw = {
+        "database": {"sqlite": {"path": str(tmp_path / "cairn.db")}},
+        "pool": {"chunk_size": CHUNK, "placement": "pack", "gc_delay_seconds": 0},
+        "backends": [
+            {"name": "capped", "type": "local", "path": "capped", "api_request_limit": 10},
+            {"name": "spare", "type": "local", "path": "spare"},
+        ],
+        "buckets": [{"name": "bkt"}],
+    }
+    pool = await open_pool(parse_config(raw, env={}, base_dir=tmp_path))
+    try:
+        for i in range(30):
+            await pool.objects.put_object("bkt", f"k{i}", body(b"x" * 100), size=100)
+            pool.state.invalidate()  # let the next write see the counts at once
+        requests, _, ingress = pool.meter.totals("capped")
+        assert requests == 10  # exactly the cap: one PUT per object until it was reached
+        assert ingress == sum(
+            f.stat().st_size for f in (tmp_path / "capped").rglob("*") if f.is_file()
+        )
+        assert len([f for f in (tmp_path / "spare").rglob("*") if f.is_file()]) == 20
+        await pool.meter.flush()
+        month = {u.backend: u for u in await pool.store.get_usage(month_of(utcnow()))}
+        assert month["capped"].requests == 10 and month["spare"].requests == 20
+    finally:
+        await pool.close()
