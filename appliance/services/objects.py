@@ -21,7 +21,15 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, M
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance.data.blobformat import ChunkHeader, ObjectIdentity, chunk_blob_key, object_prefix
+from appliance.data.blobformat import (
+    ChunkHeader,
+    Manifest,
+    ManifestEntry,
+    ObjectIdentity,
+    chunk_blob_key,
+    manifest_blob_key,
+    object_prefix,
+)
 from appliance.data.chunkstore import ChunkStore, WrittenChunk
 from appliance.data.cpu import CpuPool
 from appliance.errors import (
@@ -251,11 +259,12 @@ class ChunkedWriter:
         written = await self._chunks.write_chunk(
             header, data, chunk_blob_key(prefix, version.version_id, index)
         )
-        await self._record(
+        await self.record(
             version.version_id, ChunkRef(index, offset, len(data), chunk_id), written
         )
 
-    async def _record(self, version_id: str, ref: ChunkRef, written: WrittenChunk) -> None:
+    async def record(self, version_id: str, ref: ChunkRef, written: WrittenChunk) -> None:
+        """Record a written chunk in an UPLOADING version, or delete its blobs."""
         try:
             await self._store.add_chunk(version_id, ref, written.chunk, written.locations)
         except (Conflict, StoreUnavailable) as exc:
@@ -375,6 +384,78 @@ class ObjectService:
             await self.abort(version.version_id)
             raise
         return result
+
+    async def copy_object(
+        self,
+        source: ObjectHandle,
+        bucket: str,
+        key: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        user_metadata: Mapping[str, str] | None = None,
+    ) -> ObjectVersion:
+        """Make ``bucket/key`` a copy of an opened version by reference: no byte moves.
+
+        The new version names the source's chunks and gets a manifest blob under its own
+        prefix (docs/FORMAT.md). ``headers``/``user_metadata`` None keep the source's.
+        Raises ``NoSuchBucket``, ``InvalidObjectName``, ``NoSuchKey`` (the source was
+        deleted and collected meanwhile), and the chunk store's errors.
+        """
+        src = source.version
+        keep_headers = dict(src.headers) if headers is None else dict(headers)
+        keep_meta = dict(src.user_metadata) if user_metadata is None else dict(user_metadata)
+        version = await self.begin(
+            bucket, key, kind=VersionKind.OBJECT, headers=keep_headers, user_metadata=keep_meta
+        )
+        try:
+            refs: list[ChunkRef] = []
+            entries: list[ManifestEntry] = []
+            for placement in source.layout:
+                ref = placement.ref
+                if ref.length == 0:
+                    continue  # a manifest or an empty chunk: nothing to read
+                refs.append(
+                    ChunkRef(len(refs), ref.offset, ref.length, ref.chunk_id, ref.chunk_offset)
+                )
+                blob_key = placement.locations[0].blob_key if placement.locations else ""
+                entries.append(
+                    ManifestEntry(
+                        ref.offset,
+                        ref.length,
+                        ref.chunk_id,
+                        ref.chunk_offset,
+                        blob_key,
+                        placement.chunk.size,
+                        placement.chunk.sha256,
+                    )
+                )
+            try:
+                if refs:
+                    await self._store.add_refs(version.version_id, refs)
+            except Conflict as exc:
+                raise NoSuchKey(src.key) from exc
+            manifest = Manifest(
+                version.version_id,
+                ObjectIdentity(
+                    bucket, key, src.size, src.etag, len(entries), keep_headers, keep_meta
+                ),
+                tuple(entries),
+            )
+            prefix = self.writer.prefix(bucket, key)
+            written = await self.chunks.write_manifest(
+                manifest, manifest_blob_key(prefix, version.version_id), new_sortable_id()
+            )
+            await self.writer.record(
+                version.version_id,
+                ChunkRef(len(refs), src.size, 0, written.chunk.chunk_id),
+                written,
+            )
+            await self._store.commit_version(version.version_id, size=src.size, etag=src.etag)
+        except BaseException:
+            await self.abort(version.version_id)
+            raise
+        committed = await self._store.get_version(version.version_id)
+        return committed if committed is not None else version
 
     async def delete_object(self, bucket: str, key: str) -> None:
         """Remove the current version of ``key``; absent keys succeed (S3 semantics)."""

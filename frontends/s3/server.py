@@ -502,9 +502,10 @@ class S3Frontend:
         if method == "PUT":
             self._require(req, Permission.WRITE)
             if "x-amz-copy-source" in req.http.headers:
-                raise S3Error(
-                    "NotImplemented", "CopyObject and UploadPartCopy arrive in a later version."
-                )
+                if "uploadId" in query or "partNumber" in query:
+                    raise S3Error("NotImplemented", "UploadPartCopy arrives in a later version.")
+                _refuse_unsupported_writes(req.http, conditional=True, object_level=True)
+                return await self._copy_object(req)
             if "uploadId" in query or "partNumber" in query:
                 _refuse_unsupported_writes(req.http, conditional=False, object_level=False)
                 return await self._upload_part(req)
@@ -577,6 +578,47 @@ class S3Frontend:
         for algorithm, value in body.checksums.items():
             response.headers[algorithm.header] = value
         return response
+
+    async def _copy_object(self, req: _Request) -> web.Response:
+        """CopyObject by reference (no bytes move), with the metadata directive and the
+        copy-source conditions."""
+        raw = req.http.headers["x-amz-copy-source"]
+        path, _, version_query = unquote(raw).lstrip("/").partition("?")
+        src_bucket, _, src_key = path.partition("/")
+        if not src_bucket or not src_key:
+            raise S3Error(
+                "InvalidArgument",
+                "Copy Source must mention the source bucket and key: sourcebucket/sourcekey",
+            )
+        if version_query:
+            raise S3Error(
+                "NotImplemented", "Cairn keeps no object versions: copy without versionId."
+            )
+        if not self._access.allows(req.credential, src_bucket, Permission.READ):
+            raise S3Error("AccessDenied", "Access Denied")
+        directive = req.http.headers.get("x-amz-metadata-directive", "COPY").upper()
+        if directive not in ("COPY", "REPLACE"):
+            raise S3Error("InvalidArgument", "Unknown metadata directive.")
+        source = await self._objects.open_object(src_bucket, src_key)
+        _check_conditions(
+            req.http, source.version, prefix="x-amz-copy-source-", not_modified="PreconditionFailed"
+        )
+        headers: dict[str, str] | None = None
+        meta: dict[str, str] | None = None
+        if directive == "REPLACE":
+            headers, meta = _stored_headers(req.http)
+        elif (src_bucket, src_key) == (req.bucket, req.key):
+            raise S3Error(
+                "InvalidRequest",
+                "This copy request is illegal because it is trying to copy an object to itself "
+                "without changing the object's metadata, storage class, website redirect "
+                "location or encryption attributes.",
+            )
+        copy = await self._objects.copy_object(
+            source, req.bucket, req.key, headers=headers, user_metadata=meta
+        )
+        body = s3xml.render_copy_object_result(copy.etag, copy.created_at)
+        return web.Response(body=body, content_type="application/xml")
 
     async def _upload_part(self, req: _Request) -> web.Response:
         query = req.query
@@ -773,22 +815,33 @@ def _etag_matches(header: str, etag: str) -> bool:
     return "*" in wanted or etag.strip('"') in wanted
 
 
-def _check_conditions(request: web.Request, version: ObjectVersion) -> None:
-    """RFC 7232 / S3 conditional GET and HEAD. Raises PreconditionFailed or NotModified."""
+def _check_conditions(
+    request: web.Request,
+    version: ObjectVersion,
+    *,
+    prefix: str = "",
+    not_modified: str = "NotModified",
+) -> None:
+    """RFC 7232 / S3 conditional requests. Raises PreconditionFailed or ``not_modified``.
+
+    GET/HEAD read ``If-*``; CopyObject reads ``x-amz-copy-source-if-*`` (``prefix``) and
+    answers PreconditionFailed where a GET would answer NotModified.
+    """
+    headers = request.headers
     modified = version.created_at.replace(microsecond=0)
-    if_match = request.headers.get("If-Match")
-    if_none_match = request.headers.get("If-None-Match")
+    if_match = headers.get(f"{prefix}If-Match")
+    if_none_match = headers.get(f"{prefix}If-None-Match")
     if if_match is not None:
         if not _etag_matches(if_match, version.etag):
-            raise S3Error("PreconditionFailed", Condition="If-Match")
-    elif (since := request.headers.get("If-Unmodified-Since")) is not None:
+            raise S3Error("PreconditionFailed", Condition=f"{prefix}If-Match")
+    elif (since := headers.get(f"{prefix}If-Unmodified-Since")) is not None:
         moment = _parse_http_date(since)
         if moment is not None and modified > moment:
-            raise S3Error("PreconditionFailed", Condition="If-Unmodified-Since")
+            raise S3Error("PreconditionFailed", Condition=f"{prefix}If-Unmodified-Since")
     if if_none_match is not None:
         if _etag_matches(if_none_match, version.etag):
-            raise S3Error("NotModified")
-    elif (since := request.headers.get("If-Modified-Since")) is not None:
+            raise S3Error(not_modified, Condition=f"{prefix}If-None-Match")
+    elif (since := headers.get(f"{prefix}If-Modified-Since")) is not None:
         moment = _parse_http_date(since)
         if moment is not None and modified <= moment:
-            raise S3Error("NotModified")
+            raise S3Error(not_modified, Condition=f"{prefix}If-Modified-Since")
