@@ -318,9 +318,10 @@ class LocalBackend:
         try:
             if stream is not None:
                 await self._write_stream(tmp, stream, size, key)
-            elif view is not None:
-                for offset in range(0, size, PIECE_SIZE):
-                    await self._write(tmp, view[offset : offset + PIECE_SIZE], key)
+            elif view is not None and size:
+                # one thread hop for the whole buffer (a blob is at most one chunk):
+                # per-MiB hops cost more than they buy in responsiveness
+                await self._write(tmp, view, key)
             st = await self._on_temp(tmp, lambda: self._commit(tmp, path, synced_dirs), key)
         except BaseException:
             busy = tmp.busy

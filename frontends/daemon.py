@@ -8,6 +8,9 @@ workers (GC, janitor, usage flush) in ``worker`` and ``all`` modes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import ctypes.util
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -24,6 +27,7 @@ from frontends.s3.server import S3Frontend
 log = logging.getLogger("cairn.daemon")
 POOL_KEY = web.AppKey("pool", Pool)
 SHUTDOWN_GRACE = 30
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -154,8 +158,22 @@ async def _run(config: CairnConfig, mode: str) -> int:
     return 0
 
 
+def _return_big_buffers_to_the_os() -> None:
+    """Make glibc serve every allocation of 1 MiB or more with its own mmap.
+
+    Chunk buffers are megabytes each; glibc's default raises its mmap threshold after
+    the first such buffer is freed and then keeps later ones in per-thread heaps that
+    never shrink, so the daemon's RSS ratchets up with every transfer (measured: peak
+    RSS 270-345 MiB over a 1 GiB upload and download, 143-156 MiB with this).
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+
+
 def serve(config: CairnConfig, *, mode: str, mount: Path | None) -> int:
     """Run the daemon until a stop signal; return the process exit code."""
+    _return_big_buffers_to_the_os()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
