@@ -27,6 +27,10 @@ class Conflict(MetaError):
     """The record is not in a state that allows the change (e.g. version not UPLOADING)."""
 
 
+class PreconditionFailed(Conflict):
+    """A conditional write's condition did not hold when it committed; nothing changed."""
+
+
 class BucketNotEmpty(Conflict):
     """The bucket still holds objects or multipart uploads."""
 

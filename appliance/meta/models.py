@@ -250,3 +250,12 @@ class CommitResult:
     replaced_version_id: str | None
     freed_chunk_ids: tuple[str, ...]
     """Chunks whose refcount reached zero in this transaction (queued for deletion)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WritePrecondition:
+    """A conditional write: ``if_none_match`` (``*``: the key must not exist) or
+    ``if_match`` (the current object's ETag must be this)."""
+
+    if_none_match: bool = False
+    if_match: str | None = None

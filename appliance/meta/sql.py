@@ -25,6 +25,7 @@ from appliance.meta.errors import (
     Conflict,
     InvalidPart,
     NotFound,
+    PreconditionFailed,
     SchemaTooNew,
 )
 from appliance.meta.models import (
@@ -51,6 +52,7 @@ from appliance.meta.models import (
     UsageDelta,
     VersionKind,
     VersionState,
+    WritePrecondition,
 )
 from appliance.meta.store import GC_QUEUE, LeaderLock
 
@@ -540,10 +542,30 @@ class SqlMetadataStore(abc.ABC):
             )
         return len(rows)
 
-    async def _make_current(self, tx: Tx, version: Row, size: int, etag: str) -> CommitResult:
-        """Point the key at ``version`` if it is the newest; drop whichever loses."""
+    async def _make_current(
+        self,
+        tx: Tx,
+        version: Row,
+        size: int,
+        etag: str,
+        precondition: WritePrecondition | None = None,
+    ) -> CommitResult:
+        """Point the key at ``version`` if it is the newest; drop whichever loses.
+
+        With a ``precondition`` the version must also become current, and the current
+        object it replaces must match; otherwise ``PreconditionFailed``.
+        """
         version_id = version["version_id"]
         bucket, key = version["bucket"], version["key"]
+        if precondition is not None and precondition.if_match is not None:
+            row = await tx.fetchrow(
+                "SELECT etag FROM objects WHERE bucket = $1 AND key = $2"
+                f"{self.dialect.for_update}",
+                bucket,
+                key,
+            )
+            if row is None or row["etag"].strip('"') != precondition.if_match.strip('"'):
+                raise PreconditionFailed("the current object does not match If-Match")
         inserted = await tx.execute(
             "INSERT INTO objects (bucket, key, version_id, size, etag, modified_at) "
             "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (bucket, key) DO NOTHING",
@@ -556,6 +578,8 @@ class SqlMetadataStore(abc.ABC):
         )
         if inserted:
             return CommitResult(version_id, True, None, ())
+        if precondition is not None and precondition.if_none_match:
+            raise PreconditionFailed("an object already exists at this key (If-None-Match: *)")
         current = await tx.fetchrow(
             "SELECT version_id FROM objects WHERE bucket = $1 AND key = $2"
             f"{self.dialect.for_update}",
@@ -564,6 +588,8 @@ class SqlMetadataStore(abc.ABC):
         )
         assert current is not None
         if current["version_id"] > version_id:
+            if precondition is not None:
+                raise PreconditionFailed("a newer write of this key committed meanwhile")
             freed = await self._drop_version(tx, version_id)
             return CommitResult(version_id, False, None, tuple(freed))
         await tx.execute(
@@ -607,11 +633,12 @@ class SqlMetadataStore(abc.ABC):
         etag: str,
         headers: Mapping[str, str] | None = None,
         user_metadata: Mapping[str, str] | None = None,
+        precondition: WritePrecondition | None = None,
     ) -> CommitResult:
         async def work(tx: Tx) -> CommitResult:
             row = await self._uploading(tx, version_id, VersionKind.OBJECT)
             await self._complete(tx, version_id, size, etag, headers, user_metadata)
-            return await self._make_current(tx, row, size, etag)
+            return await self._make_current(tx, row, size, etag, precondition)
 
         return await self._run(work)
 
@@ -1244,6 +1271,7 @@ class SqlMetadataStore(abc.ABC):
         *,
         etag: str,
         manifest: tuple[NewChunk, Sequence[tuple[Location, int | None]]] | None = None,
+        precondition: WritePrecondition | None = None,
     ) -> CommitResult:
         async def work(tx: Tx) -> CommitResult:
             upload = await self._locked_upload(tx, upload_id)
@@ -1298,7 +1326,7 @@ class SqlMetadataStore(abc.ABC):
             freed = await self._drop_upload(tx, upload_id)
             version = await tx.fetchrow("SELECT * FROM versions WHERE version_id = $1", version_id)
             assert version is not None
-            result = await self._make_current(tx, version, offset, etag)
+            result = await self._make_current(tx, version, offset, etag, precondition)
             return CommitResult(
                 result.version_id,
                 result.is_current,

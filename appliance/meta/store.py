@@ -41,6 +41,7 @@ from appliance.meta.models import (
     UsageCounters,
     UsageDelta,
     VersionKind,
+    WritePrecondition,
 )
 
 GC_QUEUE = "gc"
@@ -153,8 +154,12 @@ class MetadataStore(Protocol):
         etag: str,
         headers: Mapping[str, str] | None = None,
         user_metadata: Mapping[str, str] | None = None,
+        precondition: WritePrecondition | None = None,
     ) -> CommitResult:
         """Make an UPLOADING object version COMPLETE and current if it is the newest.
+
+        ``precondition`` is checked in the same transaction (``PreconditionFailed``,
+        and the version stays UPLOADING for the caller to abort).
 
         Of two versions of one key the one with the larger version id wins, whatever
         order they commit in; the loser is dropped at once. Leftover reservations of
@@ -321,6 +326,7 @@ class MetadataStore(Protocol):
         *,
         etag: str,
         manifest: tuple[NewChunk, Sequence[tuple[Location, int | None]]] | None = None,
+        precondition: WritePrecondition | None = None,
     ) -> CommitResult:
         """Assemble the listed (part number, etag) pairs into a new current version by
         reference only: no bytes move. Unlisted parts are dropped. ``manifest`` is the

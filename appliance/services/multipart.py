@@ -23,10 +23,11 @@ from appliance.errors import (
     InvalidPartOrder,
     NoSuchBucket,
     NoSuchUpload,
+    PreconditionFailed,
 )
 from appliance.ids import new_sortable_id
 from appliance.meta import errors as meta_errors
-from appliance.meta.models import MultipartUpload, Part, VersionKind
+from appliance.meta.models import MultipartUpload, Part, VersionKind, WritePrecondition
 from appliance.meta.store import MetadataStore
 from appliance.services.objects import ObjectService, WriteResult, check_key
 
@@ -143,7 +144,11 @@ class MultipartService:
             marker = page[-1].part_number
 
     async def complete(
-        self, upload: MultipartUpload, parts: Sequence[tuple[int, str]]
+        self,
+        upload: MultipartUpload,
+        parts: Sequence[tuple[int, str]],
+        *,
+        precondition: WritePrecondition | None = None,
     ) -> CompletedUpload:
         """Assemble ``parts`` (number, ETag) into the key's new current version.
 
@@ -211,11 +216,14 @@ class MultipartService:
                 parts,
                 etag=etag,
                 manifest=(written.chunk, written.locations),
+                precondition=precondition,
             )
         except BaseException as exc:
             await chunks.undo(written.locations)
             if isinstance(exc, meta_errors.InvalidPart):
                 raise InvalidPart(str(exc)) from exc
+            if isinstance(exc, meta_errors.PreconditionFailed):
+                raise PreconditionFailed(str(exc)) from exc
             if isinstance(exc, meta_errors.NotFound):
                 raise NoSuchUpload(upload.upload_id) from exc
             raise

@@ -39,8 +39,10 @@ from appliance.errors import (
     MetadataUnavailable,
     NoSuchBucket,
     NoSuchKey,
+    PreconditionFailed,
 )
 from appliance.ids import new_sortable_id
+from appliance.meta import errors as meta_errors
 from appliance.meta.errors import Conflict, NotFound, StoreUnavailable
 from appliance.meta.models import (
     Bucket,
@@ -49,6 +51,7 @@ from appliance.meta.models import (
     ListPage,
     ObjectVersion,
     VersionKind,
+    WritePrecondition,
 )
 from appliance.meta.store import MetadataStore
 
@@ -355,11 +358,14 @@ class ObjectService:
         user_metadata: Mapping[str, str] | None = None,
         content_md5: bytes | None = None,
         late_headers: Callable[[], Mapping[str, str]] | None = None,
+        precondition: WritePrecondition | None = None,
     ) -> WriteResult:
         """Store ``body`` as the new current version of ``key``.
 
         ``late_headers()`` is called once the body is fully read and its result is
         stored with the object's headers (checksums computed from the body).
+        ``precondition`` (If-None-Match / If-Match) is checked atomically at commit:
+        ``PreconditionFailed`` leaves the key as it was.
 
         Raises ``NoSuchBucket``, ``InvalidObjectName``, ``IncompleteBody``, ``BadDigest``
         (Content-MD5), ``NoCapacity``, ``BackendsUnavailable``, ``MetadataUnavailable``.
@@ -374,12 +380,16 @@ class ObjectService:
             if content_md5 is not None and content_md5 != result.md5:
                 raise BadDigest("the Content-MD5 you specified did not match what was received")
             extra = late_headers() if late_headers else {}
-            await self._store.commit_version(
-                version.version_id,
-                size=result.size,
-                etag=result.etag,
-                headers={**version.headers, **extra} if extra else None,
-            )
+            try:
+                await self._store.commit_version(
+                    version.version_id,
+                    size=result.size,
+                    etag=result.etag,
+                    headers={**version.headers, **extra} if extra else None,
+                    precondition=precondition,
+                )
+            except meta_errors.PreconditionFailed as exc:
+                raise PreconditionFailed(str(exc)) from exc
         except BaseException:
             await self.abort(version.version_id)
             raise

@@ -27,7 +27,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from appliance.clock import utcnow
 from appliance.data.cpu import CpuPool
 from appliance.errors import InvalidRange, NoSuchBucket
-from appliance.meta.models import Credential, ObjectVersion, Permission
+from appliance.meta.models import Credential, ObjectVersion, Permission, WritePrecondition
 from appliance.services.access import AccessService
 from appliance.services.multipart import MAX_PART_NUMBER, MultipartService
 from appliance.services.objects import ObjectService
@@ -509,7 +509,7 @@ class S3Frontend:
             if "uploadId" in query or "partNumber" in query:
                 _refuse_unsupported_writes(req.http, conditional=False, object_level=False)
                 return await self._upload_part(req)
-            _refuse_unsupported_writes(req.http, conditional=True, object_level=True)
+            _refuse_unsupported_writes(req.http, conditional=False, object_level=True)
             return await self._put_object(req)
         if method == "DELETE":
             self._require(req, Permission.DELETE if "uploadId" not in query else Permission.WRITE)
@@ -530,7 +530,7 @@ class S3Frontend:
                 body = s3xml.render_initiate_multipart_upload(req.bucket, req.key, upload.upload_id)
                 return web.Response(body=body, content_type="application/xml")
             if "uploadId" in query:
-                _refuse_unsupported_writes(req.http, conditional=True, object_level=False)
+                _refuse_unsupported_writes(req.http, conditional=False, object_level=False)
                 return await self._complete(req)
         raise S3Error(
             "MethodNotAllowed", "The specified method is not allowed against this resource."
@@ -573,6 +573,7 @@ class S3Frontend:
             headers=headers,
             user_metadata=meta,
             late_headers=lambda: {alg.header: value for alg, value in body.checksums.items()},
+            precondition=_write_precondition(req.http),
         )
         response = web.Response(headers={"ETag": s3xml.quote_etag(result.etag)})
         for algorithm, value in body.checksums.items():
@@ -645,7 +646,11 @@ class S3Frontend:
         upload = await self._multipart.get(req.query["uploadId"], req.bucket, req.key)
         raw = await s3xml.read_xml_body(self._body(req.http))
         parts = s3xml.parse_complete_multipart_upload(raw)
-        done = await self._multipart.complete(upload, [(p.part_number, p.etag) for p in parts])
+        done = await self._multipart.complete(
+            upload,
+            [(p.part_number, p.etag) for p in parts],
+            precondition=_write_precondition(req.http),
+        )
         location = f"/{req.bucket}/{req.key}"
         body = s3xml.render_complete_multipart_upload(location, done.bucket, done.key, done.etag)
         return web.Response(body=body, content_type="application/xml")
@@ -766,6 +771,22 @@ OBJECT_LOCK_HEADERS = (
     "x-amz-object-lock-retain-until-date",
     "x-amz-object-lock-legal-hold",
 )
+
+
+def _write_precondition(request: web.Request) -> WritePrecondition | None:
+    """The conditional-write headers of a PutObject or CompleteMultipartUpload.
+
+    ``If-None-Match`` accepts only ``*`` (as S3 does); ``If-Match`` takes an ETag. They
+    are checked when the write commits, atomically; a failed condition leaves the key
+    as it was (412 PreconditionFailed).
+    """
+    if_none_match = request.headers.get("If-None-Match")
+    if_match = request.headers.get("If-Match")
+    if if_none_match is None and if_match is None:
+        return None
+    if if_none_match is not None and if_none_match.strip() != "*":
+        raise S3Error("NotImplemented", "If-None-Match on a write accepts only '*'.")
+    return WritePrecondition(if_none_match=if_none_match is not None, if_match=if_match)
 
 
 def _refuse_unsupported_writes(

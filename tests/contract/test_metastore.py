@@ -737,3 +737,35 @@ async def test_unreachable_postgres_is_unavailable() -> None:
     store = PostgresMetadataStore("postgresql://cairn:cairn@127.0.0.1:1/nothing", connect_timeout=2)
     with pytest.raises(StoreUnavailable, match="PostgreSQL"):
         await store.open()
+
+
+async def test_conditional_commits_are_atomic(pool: SqlMetadataStore) -> None:
+    from appliance.meta.errors import PreconditionFailed
+    from appliance.meta.models import WritePrecondition
+
+    create_only = WritePrecondition(if_none_match=True)
+    ids = [await write_version(pool, "bk", "cond", [f"c{i}"]) for i in range(8)]
+    results = await asyncio.gather(
+        *(
+            pool.commit_version(v, size=100, etag=f"e{i}", precondition=create_only)
+            for i, v in enumerate(ids)
+        ),
+        return_exceptions=True,
+    )
+    winners = [r for r in results if not isinstance(r, BaseException)]
+    assert len(winners) == 1
+    assert all(isinstance(r, PreconditionFailed) for r in results if isinstance(r, BaseException))
+    current = await pool.get_current("bk", "cond")
+    assert current is not None and current.version_id == winners[0].version_id
+    for vid in ids:  # losers stay UPLOADING for their writer to abort
+        if vid != current.version_id:
+            assert (await pool.abort_version(vid)) != ()
+    nxt = await write_version(pool, "bk", "cond", ["n1"])
+    with pytest.raises(PreconditionFailed):
+        await pool.commit_version(
+            nxt, size=1, etag="x", precondition=WritePrecondition(if_match="other")
+        )
+    await pool.commit_version(
+        nxt, size=1, etag="x", precondition=WritePrecondition(if_match=current.etag)
+    )
+    assert (await pool.get_current("bk", "cond")).etag == "x"  # type: ignore[union-attr]

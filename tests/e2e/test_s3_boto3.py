@@ -246,9 +246,8 @@ def test_delete_objects(s3: Any) -> None:
 
 
 def test_write_options_that_cannot_be_honoured_are_refused(s3: Any) -> None:
-    """Conditional writes, SSE-C, SSE-KMS and Object Lock are refused, never ignored
-    (ignored, the client would believe in an overwrite guard, encryption or retention
-    that is not there)."""
+    """SSE-C, SSE-KMS and Object Lock are refused, never ignored (ignored, the client
+    would believe in encryption or retention that is not there)."""
     s3.put_object(Bucket="e2e", Key="refuse/lock", Body=b"first")
 
     def code_of(call: Any, **params: Any) -> tuple[int, str]:
@@ -257,9 +256,6 @@ def test_write_options_that_cannot_be_honoured_are_refused(s3: Any) -> None:
         return status_of(err.value), error_code(err.value)
 
     put = s3.put_object
-    assert code_of(put, Key="refuse/lock", Body=b"2", IfNoneMatch="*") == (501, "NotImplemented")
-    assert code_of(put, Key="refuse/lock", Body=b"2", IfMatch='"x"') == (501, "NotImplemented")
-    assert s3.get_object(Bucket="e2e", Key="refuse/lock")["Body"].read() == b"first"
     sse_c = {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": "k" * 32}
     assert code_of(put, Key="refuse/sse-c", Body=b"s", **sse_c) == (501, "NotImplemented")
     kms = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": "key-1"}
@@ -273,17 +269,52 @@ def test_write_options_that_cannot_be_honoured_are_refused(s3: Any) -> None:
     upload_id = create(Bucket="e2e", Key="refuse/lock")["UploadId"]
     part = dict(Key="refuse/lock", UploadId=upload_id, PartNumber=1, Body=b"mp")
     assert code_of(s3.upload_part, **part, **sse_c) == (501, "NotImplemented")
-    etag = s3.upload_part(Bucket="e2e", **part)["ETag"]
-    done = {"Parts": [{"PartNumber": 1, "ETag": etag}]}
-    complete = s3.complete_multipart_upload
-    assert code_of(
-        complete, Key="refuse/lock", UploadId=upload_id, MultipartUpload=done, IfNoneMatch="*"
-    ) == (501, "NotImplemented")
     assert s3.get_object(Bucket="e2e", Key="refuse/lock")["Body"].read() == b"first"
     s3.abort_multipart_upload(Bucket="e2e", Key="refuse/lock", UploadId=upload_id)
     listed = s3.list_objects_v2(Bucket="e2e", Prefix="refuse/")["Contents"]
     assert [o["Key"] for o in listed] == ["refuse/lock"]
     s3.delete_object(Bucket="e2e", Key="refuse/lock")
+
+
+def test_conditional_writes_are_atomic(s3: Any) -> None:
+    """If-None-Match: * and If-Match on PutObject and CompleteMultipartUpload."""
+
+    def status(call: Any, **params: Any) -> int:
+        try:
+            call(Bucket="e2e", **params)
+        except ClientError as err:
+            return status_of(err)
+        return 200
+
+    put = s3.put_object
+    assert status(put, Key="cw/k", Body=b"one", IfNoneMatch="*") == 200
+    assert status(put, Key="cw/k", Body=b"two", IfNoneMatch="*") == 412
+    etag = s3.head_object(Bucket="e2e", Key="cw/k")["ETag"]
+    assert status(put, Key="cw/k", Body=b"three", IfMatch='"0000"') == 412
+    assert status(put, Key="cw/missing", Body=b"x", IfMatch=etag) == 412
+    assert s3.get_object(Bucket="e2e", Key="cw/k")["Body"].read() == b"one"
+    assert status(put, Key="cw/k", Body=b"four", IfMatch=etag) == 200
+    assert s3.get_object(Bucket="e2e", Key="cw/k")["Body"].read() == b"four"
+    assert s3.list_objects_v2(Bucket="e2e", Prefix="cw/missing")["KeyCount"] == 0
+
+    upload_id = s3.create_multipart_upload(Bucket="e2e", Key="cw/k")["UploadId"]
+    part_etag = s3.upload_part(
+        Bucket="e2e", Key="cw/k", UploadId=upload_id, PartNumber=1, Body=b"mp"
+    )["ETag"]
+    done = {"Parts": [{"PartNumber": 1, "ETag": part_etag}]}
+    complete = s3.complete_multipart_upload
+    assert (
+        status(complete, Key="cw/k", UploadId=upload_id, MultipartUpload=done, IfNoneMatch="*")
+        == 412
+    )
+    assert s3.get_object(Bucket="e2e", Key="cw/k")["Body"].read() == b"four"
+    current = s3.head_object(Bucket="e2e", Key="cw/k")["ETag"]
+    assert (
+        status(complete, Key="cw/k", UploadId=upload_id, MultipartUpload=done, IfMatch=current)
+        == 200
+    )
+    assert s3.get_object(Bucket="e2e", Key="cw/k")["Body"].read() == b"mp"
+    s3.delete_object(Bucket="e2e", Key="cw/k")
 
 
 # -- conditional requests and presigned URLs ------------------------------------------------
