@@ -237,15 +237,29 @@ async def test_writes_overflow_when_a_backend_reaches_its_request_cap(tmp_path: 
 async def test_copy_is_metadata_only_and_survives_the_source(pool: Pool, tmp_path: Path) -> None:
     data = os.urandom(3 * CHUNK + 11)
     await pool.objects.put_object(
-        "bkt", "src", body(data), size=len(data), headers={"Content-Type": "a/b"}, user_metadata={"k": "v"}
+        "bkt",
+        "src",
+        body(data),
+        size=len(data),
+        headers={"Content-Type": "a/b"},
+        user_metadata={"k": "v"},
     )
     before = {n: disk_bytes(tmp_path, n) for n in ("d0", "d1", "d2")}
     source = await pool.objects.open_object("bkt", "src")
     copy = await pool.objects.copy_object(source, "bkt", "dst")
     assert sum(disk_bytes(tmp_path, n) for n in ("d0", "d1", "d2")) - sum(before.values()) < 4096
-    assert (copy.size, copy.etag, copy.headers, copy.user_metadata) == (len(data), source.version.etag, {"Content-Type": "a/b"}, {"k": "v"})
+    assert (copy.size, copy.etag, copy.headers, copy.user_metadata) == (
+        len(data),
+        source.version.etag,
+        {"Content-Type": "a/b"},
+        {"k": "v"},
+    )
     replaced = await pool.objects.copy_object(
-        await pool.objects.open_object("bkt", "dst"), "bkt", "dst2", headers={}, user_metadata={"new": "1"}
+        await pool.objects.open_object("bkt", "dst"),
+        "bkt",
+        "dst2",
+        headers={},
+        user_metadata={"new": "1"},
     )
     assert replaced.user_metadata == {"new": "1"} and replaced.headers == {}
     await pool.objects.delete_object("bkt", "src")
