@@ -559,8 +559,7 @@ class SqlMetadataStore(abc.ABC):
         bucket, key = version["bucket"], version["key"]
         if precondition is not None and precondition.if_match is not None:
             row = await tx.fetchrow(
-                "SELECT etag FROM objects WHERE bucket = $1 AND key = $2"
-                f"{self.dialect.for_update}",
+                f"SELECT etag FROM objects WHERE bucket = $1 AND key = $2{self.dialect.for_update}",
                 bucket,
                 key,
             )
@@ -803,8 +802,10 @@ class SqlMetadataStore(abc.ABC):
     async def list_stale_versions(self, older_than: datetime, limit: int = 100) -> list[str]:
         async def work(tx: Tx) -> list[str]:
             rows = await tx.fetch(
-                "SELECT version_id FROM versions WHERE state = $1 AND created_at < $2 "
-                "ORDER BY created_at LIMIT $3",
+                "SELECT v.version_id FROM versions v WHERE v.state = $1 AND v.created_at < $2 "
+                "AND NOT EXISTS (SELECT 1 FROM chunk_refs r JOIN chunks c "
+                "ON c.chunk_id = r.chunk_id WHERE r.version_id = v.version_id "
+                "AND c.created_at >= $2) ORDER BY v.created_at LIMIT $3",
                 VersionState.UPLOADING.value,
                 to_micros(older_than),
                 limit,

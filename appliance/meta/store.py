@@ -203,7 +203,9 @@ class MetadataStore(Protocol):
         ...
 
     async def list_stale_versions(self, older_than: datetime, limit: int = 100) -> list[str]:
-        """Ids of UPLOADING versions created before ``older_than`` (janitor input)."""
+        """Ids of UPLOADING versions idle since before ``older_than`` (janitor input):
+        created before it, and no chunk added since. A long upload that keeps adding
+        chunks is never listed."""
         ...
 
     # -- chunks and locations --------------------------------------------------------

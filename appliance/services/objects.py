@@ -262,9 +262,7 @@ class ChunkedWriter:
         written = await self._chunks.write_chunk(
             header, data, chunk_blob_key(prefix, version.version_id, index)
         )
-        await self.record(
-            version.version_id, ChunkRef(index, offset, len(data), chunk_id), written
-        )
+        await self.record(version.version_id, ChunkRef(index, offset, len(data), chunk_id), written)
 
     async def record(self, version_id: str, ref: ChunkRef, written: WrittenChunk) -> None:
         """Record a written chunk in an UPLOADING version, or delete its blobs."""

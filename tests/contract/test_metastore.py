@@ -340,8 +340,10 @@ async def test_stale_uploads_are_listed_for_the_janitor(
     pool: SqlMetadataStore, clock: FakeClock
 ) -> None:
     old = await write_version(pool, "bk", "k", [])
+    busy = await write_version(pool, "bk", "k2", ["first"])
     clock.advance(100)
     await write_version(pool, "bk", "k", [])
+    await pool.add_chunk(busy, ChunkRef(1, 100, 100, "later"), chunk("later"), [])  # active
     assert await pool.list_stale_versions(clock.now - timedelta(seconds=50)) == [old]
 
 
