@@ -141,6 +141,53 @@ def _common_prefix(key: str, prefix: str, delimiter: str | None) -> str | None:
     return None if cut < 0 else key[: cut + len(delimiter)]
 
 
+_PLACEMENT_COLUMNS = (
+    'r.seq, r."offset" AS ref_offset, r.length, r.chunk_id, r.chunk_offset, '
+    "c.size, c.sha256, c.stored_size AS chunk_stored, c.refcount, c.created_at, "
+    "c.wrapped_dek, c.key_id, l.backend, l.blob_key, l.stored_size AS loc_stored"
+)
+_PLACEMENT_JOINS = (
+    "JOIN chunks c ON c.chunk_id = r.chunk_id LEFT JOIN locations l ON l.chunk_id = r.chunk_id"
+)
+
+
+def _placements(rows: Sequence[Row]) -> dict[int, list[ChunkPlacement]]:
+    """Group placement rows (ordered by group, seq, backend) by their ``grp`` column."""
+    groups: dict[int, list[ChunkPlacement]] = {}
+    for row in rows:
+        placements = groups.setdefault(int(row["grp"]), [])
+        loc: tuple[Location, ...] = ()
+        if row["backend"] is not None:
+            loc = (Location(row["chunk_id"], row["backend"], row["blob_key"], row["loc_stored"]),)
+        if placements and placements[-1].ref.seq == row["seq"]:
+            last = placements[-1]
+            placements[-1] = ChunkPlacement(last.ref, last.chunk, last.locations + loc)
+            continue
+        placements.append(
+            ChunkPlacement(
+                ref=ChunkRef(
+                    row["seq"],
+                    row["ref_offset"],
+                    row["length"],
+                    row["chunk_id"],
+                    row["chunk_offset"],
+                ),
+                chunk=Chunk(
+                    chunk_id=row["chunk_id"],
+                    size=row["size"],
+                    sha256=bytes(row["sha256"]),
+                    stored_size=row["chunk_stored"],
+                    refcount=row["refcount"],
+                    created_at=from_micros(row["created_at"]),
+                    wrapped_dek=None if row["wrapped_dek"] is None else bytes(row["wrapped_dek"]),
+                    key_id=row["key_id"],
+                ),
+                locations=loc,
+            )
+        )
+    return groups
+
+
 class SqlMetadataStore(abc.ABC):
     """MetadataStore over a SQL database; see ``appliance.meta.store`` for the contract."""
 
@@ -678,54 +725,23 @@ class SqlMetadataStore(abc.ABC):
     async def get_layout(self, version_id: str) -> list[ChunkPlacement]:
         async def work(tx: Tx) -> list[ChunkPlacement]:
             rows = await tx.fetch(
-                'SELECT r.seq, r."offset" AS ref_offset, r.length, r.chunk_id, r.chunk_offset, '
-                "c.size, c.sha256, c.stored_size AS chunk_stored, c.refcount, c.created_at, "
-                "c.wrapped_dek, c.key_id, l.backend, l.blob_key, l.stored_size AS loc_stored "
-                "FROM chunk_refs r JOIN chunks c ON c.chunk_id = r.chunk_id "
-                "LEFT JOIN locations l ON l.chunk_id = r.chunk_id "
+                f"SELECT 0 AS grp, {_PLACEMENT_COLUMNS} FROM chunk_refs r {_PLACEMENT_JOINS} "
                 "WHERE r.version_id = $1 ORDER BY r.seq, l.backend",
                 version_id,
             )
-            placements: list[ChunkPlacement] = []
-            for row in rows:
-                loc = (
-                    ()
-                    if row["backend"] is None
-                    else (
-                        Location(
-                            row["chunk_id"], row["backend"], row["blob_key"], row["loc_stored"]
-                        ),
-                    )
-                )
-                if placements and placements[-1].ref.seq == row["seq"]:
-                    last = placements[-1]
-                    placements[-1] = ChunkPlacement(last.ref, last.chunk, last.locations + loc)
-                    continue
-                placements.append(
-                    ChunkPlacement(
-                        ref=ChunkRef(
-                            row["seq"],
-                            row["ref_offset"],
-                            row["length"],
-                            row["chunk_id"],
-                            row["chunk_offset"],
-                        ),
-                        chunk=Chunk(
-                            chunk_id=row["chunk_id"],
-                            size=row["size"],
-                            sha256=bytes(row["sha256"]),
-                            stored_size=row["chunk_stored"],
-                            refcount=row["refcount"],
-                            created_at=from_micros(row["created_at"]),
-                            wrapped_dek=None
-                            if row["wrapped_dek"] is None
-                            else bytes(row["wrapped_dek"]),
-                            key_id=row["key_id"],
-                        ),
-                        locations=loc,
-                    )
-                )
-            return placements
+            return _placements(rows).get(0, [])
+
+        return await self._run(work)
+
+    async def get_upload_layout(self, upload_id: str) -> dict[int, list[ChunkPlacement]]:
+        async def work(tx: Tx) -> dict[int, list[ChunkPlacement]]:
+            rows = await tx.fetch(
+                f"SELECT p.part_number AS grp, {_PLACEMENT_COLUMNS} FROM parts p "
+                f"JOIN chunk_refs r ON r.version_id = p.version_id {_PLACEMENT_JOINS} "
+                "WHERE p.upload_id = $1 ORDER BY p.part_number, r.seq, l.backend",
+                upload_id,
+            )
+            return _placements(rows)
 
         return await self._run(work)
 
@@ -1280,6 +1296,14 @@ class SqlMetadataStore(abc.ABC):
                 r["part_number"]: r
                 for r in await tx.fetch("SELECT * FROM parts WHERE upload_id = $1", upload_id)
             }
+            part_refs: dict[int, list[Row]] = {}
+            for ref in await tx.fetch(
+                'SELECT p.part_number, r."offset", r.length, r.chunk_id, r.chunk_offset '
+                "FROM parts p JOIN chunk_refs r ON r.version_id = p.version_id "
+                "WHERE p.upload_id = $1 ORDER BY p.part_number, r.seq",
+                upload_id,
+            ):
+                part_refs.setdefault(int(ref["part_number"]), []).append(ref)
             refs: list[ChunkRef] = []
             offset = 0
             for number, part_etag in parts:
@@ -1288,11 +1312,7 @@ class SqlMetadataStore(abc.ABC):
                     raise InvalidPart(number, "was not uploaded")
                 if part["etag"].strip('"') != part_etag.strip('"'):
                     raise InvalidPart(number, "etag does not match the uploaded part")
-                for ref in await tx.fetch(
-                    'SELECT "offset", length, chunk_id, chunk_offset FROM chunk_refs '
-                    "WHERE version_id = $1 ORDER BY seq",
-                    part["version_id"],
-                ):
+                for ref in part_refs.get(number, []):
                     refs.append(
                         ChunkRef(
                             len(refs), offset, ref["length"], ref["chunk_id"], ref["chunk_offset"]

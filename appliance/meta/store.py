@@ -182,6 +182,10 @@ class MetadataStore(Protocol):
         """Refs of a version in order, each with its chunk and replicas (one query)."""
         ...
 
+    async def get_upload_layout(self, upload_id: str) -> dict[int, list[ChunkPlacement]]:
+        """Every uploaded part's layout by part number (one query)."""
+        ...
+
     async def delete_object(self, bucket: str, key: str) -> str | None:
         """Remove the current version of a key; return its id, or None if absent."""
         ...

@@ -161,6 +161,7 @@ class MultipartService:
         if any(b <= a for a, b in itertools.pairwise(numbers)):
             raise InvalidPartOrder("the list of parts was not in ascending order")
         stored = await self._all_parts(upload.upload_id)
+        layouts = await self._store.get_upload_layout(upload.upload_id)
         md5s = b""
         entries: list[ManifestEntry] = []
         offset = 0
@@ -174,7 +175,7 @@ class MultipartService:
                     f"at least {self._min_part_size} bytes"
                 )
             md5s += bytes.fromhex(part.etag)
-            for placement in await self._store.get_layout(part.version_id):
+            for placement in layouts.get(number, []):
                 ref = placement.ref
                 blob_key = placement.locations[0].blob_key if placement.locations else ""
                 entries.append(

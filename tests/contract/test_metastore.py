@@ -560,6 +560,14 @@ async def test_multipart_complete_is_metadata_only(
     await upload_part(pool, "up", 2, ["p2"])  # re-upload replaces the part
     await upload_part(pool, "up", 3, ["p3"])
     await upload_part(pool, "up", 4, ["unused"])
+    layouts = await pool.get_upload_layout("up")
+    assert {n: [p.chunk.chunk_id for p in layout] for n, layout in layouts.items()} == {
+        1: ["p1a", "p1b"],
+        2: ["p2"],
+        3: ["p3"],
+        4: ["unused"],
+    }
+    assert [loc.backend for loc in layouts[1][0].locations] == ["b1"]
     parts = await pool.list_parts("up", marker=1, limit=2)
     assert [(p.part_number, p.size, p.etag) for p in parts] == [
         (2, 100, "e2-p2"),
