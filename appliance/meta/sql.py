@@ -745,6 +745,22 @@ class SqlMetadataStore(abc.ABC):
 
         return await self._run(work)
 
+    async def delete_objects(self, bucket: str, keys: Sequence[str]) -> list[str]:
+        async def work(tx: Tx) -> list[str]:
+            deleted: list[str] = []
+            for key in keys:
+                row = await tx.fetchrow(
+                    "DELETE FROM objects WHERE bucket = $1 AND key = $2 RETURNING version_id",
+                    bucket,
+                    key,
+                )
+                if row is not None:
+                    await self._drop_version(tx, row["version_id"])
+                    deleted.append(key)
+            return deleted
+
+        return await self._run(work)
+
     async def delete_object(self, bucket: str, key: str) -> str | None:
         async def work(tx: Tx) -> str | None:
             row = await tx.fetchrow(

@@ -186,6 +186,11 @@ class MetadataStore(Protocol):
         """Every uploaded part's layout by part number (one query)."""
         ...
 
+    async def delete_objects(self, bucket: str, keys: Sequence[str]) -> list[str]:
+        """Remove the current versions of ``keys`` in one transaction; return the keys
+        that existed (absent keys are no error)."""
+        ...
+
     async def delete_object(self, bucket: str, key: str) -> str | None:
         """Remove the current version of a key; return its id, or None if absent."""
         ...

@@ -465,6 +465,11 @@ class ObjectService:
         committed = await self._store.get_version(version.version_id)
         return committed if committed is not None else version
 
+    async def delete_objects(self, bucket: str, keys: Sequence[str]) -> None:
+        """Remove up to 1,000 keys in one metadata transaction (all or nothing)."""
+        await self.get_bucket(bucket)
+        await self._store.delete_objects(bucket, keys)
+
     async def delete_object(self, bucket: str, key: str) -> None:
         """Remove the current version of ``key``; absent keys succeed (S3 semantics)."""
         await self.get_bucket(bucket)

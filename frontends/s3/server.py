@@ -30,7 +30,7 @@ from appliance.errors import InvalidRange, NoSuchBucket
 from appliance.meta.models import Credential, ObjectVersion, Permission, WritePrecondition
 from appliance.services.access import AccessService
 from appliance.services.multipart import MAX_PART_NUMBER, MultipartService
-from appliance.services.objects import ObjectService
+from appliance.services.objects import ObjectService, check_key
 from frontends.s3 import xml as s3xml
 from frontends.s3.chunked import RequestBody, strip_aws_chunked
 from frontends.s3.errormap import to_s3_error
@@ -445,17 +445,24 @@ class S3Frontend:
         raw = await s3xml.read_xml_body(self._body(req.http, req))
         request = s3xml.parse_delete(raw)
         await self._objects.get_bucket(req.bucket)
-        deleted: list[s3xml.DeletedInfo] = []
         failed: list[s3xml.DeleteErrorInfo] = []
+        valid: list[str] = []
         for item in request.objects:
             try:
-                await self._objects.delete_object(req.bucket, item.key)
+                check_key(item.key)
             except Exception as exc:  # reported per key, as S3 does
                 error = to_s3_error(exc) or S3Error("InternalError")
                 failed.append(s3xml.DeleteErrorInfo(item.key, error.code, error.message))
                 continue
-            if not request.quiet:
-                deleted.append(s3xml.DeletedInfo(item.key))
+            valid.append(item.key)
+        try:
+            if valid:
+                await self._objects.delete_objects(req.bucket, valid)  # one transaction
+        except Exception as exc:  # the whole batch failed: every key says why
+            error = to_s3_error(exc) or S3Error("InternalError")
+            failed += [s3xml.DeleteErrorInfo(k, error.code, error.message) for k in valid]
+            valid = []
+        deleted = [] if request.quiet else [s3xml.DeletedInfo(k) for k in valid]
         return web.Response(
             body=s3xml.render_delete_result(deleted, failed), content_type="application/xml"
         )

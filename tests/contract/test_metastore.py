@@ -779,3 +779,12 @@ async def test_conditional_commits_are_atomic(pool: SqlMetadataStore) -> None:
         nxt, size=1, etag="x", precondition=WritePrecondition(if_match=current.etag)
     )
     assert (await pool.get_current("bk", "cond")).etag == "x"  # type: ignore[union-attr]
+
+
+async def test_delete_objects_in_one_transaction(pool: SqlMetadataStore, clock: FakeClock) -> None:
+    for n in range(5):
+        await put_object(pool, "bk", f"d{n}", [f"dc{n}"])
+    assert await pool.delete_objects("bk", ["d0", "d1", "missing", "d3"]) == ["d0", "d1", "d3"]
+    page = await pool.list_objects("bk")
+    assert [e.key for e in page.entries] == ["d2", "d4"]
+    assert await gc_ids(pool, clock) == {"dc0", "dc1", "dc3"}
