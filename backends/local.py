@@ -16,7 +16,8 @@ Layout: key ``a/b/c`` is the file ``<root>/a/b/c``. Consequences worth knowing:
   level in memory.
 
 Blocking file I/O runs in worker threads (``asyncio.to_thread``), one call per piece
-of at most ``PIECE_SIZE`` bytes, so the event loop is never blocked on the disk.
+of at most ``READ_PIECE_SIZE`` bytes for reads, so the event loop is never blocked
+on the disk.
 
 Also home of :func:`validate_key`, the portable key rules every backend applies.
 """
@@ -45,6 +46,8 @@ from backends.errors import (
 )
 
 PIECE_SIZE = 1024 * 1024
+READ_PIECE_SIZE = 8 * 1024 * 1024
+"""Reads go in pieces of up to 8 MiB: a whole default-size chunk in one thread hop."""
 """Reads and writes move at most this many bytes per worker-thread call."""
 
 MAX_KEY_BYTES = 1024
@@ -188,7 +191,7 @@ class _FileStream:
         if fd is None or self._pos >= self._end:
             await self.aclose()
             raise StopAsyncIteration
-        n = min(PIECE_SIZE, self._end - self._pos)
+        n = min(READ_PIECE_SIZE, self._end - self._pos)
         fut = asyncio.ensure_future(asyncio.to_thread(os.pread, fd, n, self._pos))
         self._inflight = fut
         try:

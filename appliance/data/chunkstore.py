@@ -193,13 +193,18 @@ INLINE_HASH_LIMIT = 256 * 1024
 """Chunks smaller than this are verified on the loop: cheaper than a thread hop."""
 
 
-async def _collect(stream: BlobStream, expected: int) -> bytearray:
+async def _collect(stream: BlobStream, expected: int) -> bytes | bytearray:
     """Read a stream into one buffer of ``expected`` bytes (no list of pieces, no join);
     a stream longer than expected is cut, a shorter one returns what it had."""
+    pieces = aiter(stream)
+    first = await anext(pieces, b"")
+    if len(first) >= expected:  # the whole range in one piece: keep it, no copy
+        return first[:expected] if len(first) > expected else first
     buffer = bytearray(expected)
     view = memoryview(buffer)
-    filled = 0
-    async for piece in stream:
+    view[: len(first)] = first
+    filled = len(first)
+    async for piece in pieces:
         take = min(len(piece), expected - filled)
         view[filled : filled + take] = piece[:take]
         filled += take
