@@ -23,6 +23,7 @@ from urllib.parse import unquote
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
+from multidict import CIMultiDict
 
 from appliance.clock import utcnow
 from appliance.data.cpu import CpuPool
@@ -442,7 +443,7 @@ class S3Frontend:
         return web.Response(body=body, content_type="application/xml")
 
     async def _delete_objects(self, req: _Request) -> web.Response:
-        raw = await s3xml.read_xml_body(self._body(req.http, req))
+        raw = await s3xml.read_xml_body(self._body(req.http))
         request = s3xml.parse_delete(raw)
         await self._objects.get_bucket(req.bucket)
         failed: list[s3xml.DeleteErrorInfo] = []
@@ -543,13 +544,20 @@ class S3Frontend:
             "MethodNotAllowed", "The specified method is not allowed against this resource."
         )
 
-    def _body(self, request: web.Request, req: _Request | None = None) -> RequestBody:
+    def _body(self, request: web.Request, *, md5_by_writer: bool = False) -> RequestBody:
+        """The request's decoded, verified body. With ``md5_by_writer`` the Content-MD5
+        check is left to the chunk writer, which computes the body's MD5 anyway (for the
+        ETag): hashing the body twice would cost a whole MD5 pass."""
         auth: AuthContext = request["cairn.auth"]
 
         async def offload(step: Callable[[], None]) -> None:
             await self._cpu.run(step)
 
-        return RequestBody(request.content.read, request.headers, auth, offload=offload)
+        headers: Mapping[str, str] = request.headers
+        if md5_by_writer and "Content-MD5" in headers:
+            headers = CIMultiDict(headers)
+            del headers["Content-MD5"]
+        return RequestBody(request.content.read, headers, auth, offload=offload)
 
     def _declared_size(self, request: web.Request) -> int | None:
         decoded = request.headers.get("x-amz-decoded-content-length")
@@ -570,7 +578,8 @@ class S3Frontend:
 
     async def _put_object(self, req: _Request) -> web.Response:
         size = self._declared_size(req.http)
-        body = self._body(req.http)
+        content_md5 = _content_md5(req.http)
+        body = self._body(req.http, md5_by_writer=True)
         headers, meta = _stored_headers(req.http)
         result = await self._objects.put_object(
             req.bucket,
@@ -579,6 +588,7 @@ class S3Frontend:
             size=size,
             headers=headers,
             user_metadata=meta,
+            content_md5=content_md5,
             late_headers=lambda: {alg.header: value for alg, value in body.checksums.items()},
             precondition=_write_precondition(req.http),
         )
@@ -642,8 +652,11 @@ class S3Frontend:
             )
         upload = await self._multipart.get(query.get("uploadId", ""), req.bucket, req.key)
         size = self._declared_size(req.http)
-        body = self._body(req.http)
-        result = await self._multipart.upload_part(upload, part_number, body, size=size)
+        content_md5 = _content_md5(req.http)
+        body = self._body(req.http, md5_by_writer=True)
+        result = await self._multipart.upload_part(
+            upload, part_number, body, size=size, content_md5=content_md5
+        )
         response = web.Response(headers={"ETag": s3xml.quote_etag(result.etag)})
         for algorithm, value in body.checksums.items():
             response.headers[algorithm.header] = value
@@ -778,6 +791,21 @@ OBJECT_LOCK_HEADERS = (
     "x-amz-object-lock-retain-until-date",
     "x-amz-object-lock-legal-hold",
 )
+
+
+def _content_md5(request: web.Request) -> bytes | None:
+    """The decoded ``Content-MD5`` header; ``InvalidDigest`` when it is not 16 bytes of
+    base64."""
+    value = request.headers.get("Content-MD5")
+    if value is None:
+        return None
+    try:
+        raw = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise S3Error("InvalidDigest") from exc
+    if len(raw) != 16:
+        raise S3Error("InvalidDigest")
+    return raw
 
 
 def _write_precondition(request: web.Request) -> WritePrecondition | None:
