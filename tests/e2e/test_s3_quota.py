@@ -231,6 +231,21 @@ class Workload:
             else:
                 self.delete(self.rng.choice(existing))
 
+    def make_room(self, free_bytes: int) -> None:
+        """Delete objects until, once GC has run, the pool has ``free_bytes`` free.
+
+        The random phase may leave the pool full; the concurrent phase must start with
+        room, or it only measures refusals (this depended on GC timing before).
+        """
+        while True:
+            self.daemon.wait_blobs_settled(quiet=2.0)
+            used = self.daemon.disk_bytes()
+            free = sum(quota - used[name] for name, quota in self.daemon.quotas.items())
+            if free >= free_bytes or not self.objects:
+                return
+            for key in sorted(self.objects)[: max(1, len(self.objects) // 4)]:
+                self.delete(key)
+
     def concurrent_phase(self, writers: int, puts_each: int) -> None:
         def writer(index: int) -> None:
             client = self.daemon.client()
@@ -272,6 +287,7 @@ def test_recorded_space_equals_the_disks_and_quotas_hold(
     work = Workload(daemon, seed=20260115)
     with DiskSampler(daemon).running() as sampler:
         work.random_phase(40)
+        work.make_room(8 * MiB)
         before = dict(work.counts)
         work.concurrent_phase(writers=20, puts_each=4)
         concurrent = {k: v - before.get(k, 0) for k, v in work.counts.items()}
