@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from appliance.clock import utcnow
 from appliance.config import (
     BackendConfig,
     CairnConfig,
@@ -23,8 +22,8 @@ from appliance.config import (
 )
 from appliance.data.chunkstore import ChunkStore
 from appliance.data.cpu import CpuPool
-from appliance.meta.errors import AlreadyExists
-from appliance.meta.models import BackendSpec, Credential, Permission
+from appliance.errors import BucketExists
+from appliance.meta.models import BackendSpec, Permission
 from appliance.meta.postgres import PostgresMetadataStore
 from appliance.meta.sqlite import SqliteMetadataStore
 from appliance.meta.store import MetadataStore
@@ -32,8 +31,10 @@ from appliance.placement.pool import PoolState
 from appliance.placement.router import BackendState, Placement, Router
 from appliance.placement.usage import Caps, UsageMeter
 from appliance.services.access import AccessService
+from appliance.services.admin import AdminService
 from appliance.services.multipart import MultipartService
 from appliance.services.objects import ObjectService
+from appliance.services.sealing import SecretSealer
 from appliance.services.workers import GcWorker, Janitor
 from backends.base import Backend
 from backends.local import LocalBackend
@@ -42,9 +43,6 @@ from backends.retry import RetryingBackend
 from backends.s3 import S3Backend
 
 POOL_SECRET_SETTING = "pool_secret"
-BUCKET_OWNER_PERMISSIONS = frozenset(
-    {Permission.READ, Permission.WRITE, Permission.LIST, Permission.DELETE}
-)
 
 
 def make_store(database: DatabaseConfig, *, gc_delay: timedelta) -> MetadataStore:
@@ -105,6 +103,7 @@ class Pool:
     gc: GcWorker
     janitor: Janitor
     access: AccessService
+    admin: AdminService
     _closed: bool = field(default=False, repr=False)
 
     async def close(self) -> None:
@@ -125,26 +124,32 @@ async def _release(store: MetadataStore, cpu: CpuPool, backends: Iterable[Backen
     await store.close()
 
 
-async def _apply_config(store: MetadataStore, config: CairnConfig) -> None:
+async def _pool_secret(store: MetadataStore) -> str:
+    return await store.setdefault_setting(POOL_SECRET_SETTING, secrets.token_hex(32))
+
+
+async def _apply_config(store: MetadataStore, admin: AdminService, config: CairnConfig) -> None:
+    """Record the configured backends, buckets and keys (idempotent; several instances
+    may do it at once)."""
     await store.sync_backends([BackendSpec(b.name, b.quota_bytes) for b in config.backends])
-    await store.setdefault_setting(POOL_SECRET_SETTING, secrets.token_hex(32))
     for bucket in config.buckets:
         if await store.get_bucket(bucket.name) is None:
-            with contextlib.suppress(AlreadyExists):  # another instance made it meanwhile
-                await store.create_bucket(bucket.name)
+            with contextlib.suppress(BucketExists):  # another instance made it meanwhile
+                await admin.create_bucket(bucket.name)
         for cred in bucket.credentials:
-            existing = await store.get_credential(cred.access_key)
-            grants = dict(existing.grants) if existing else {}
-            grants[bucket.name] = BUCKET_OWNER_PERMISSIONS
-            await store.put_credential(
-                Credential(
-                    access_key=cred.access_key,
-                    secret=cred.secret_key.get_secret_value(),
-                    created_at=existing.created_at if existing else utcnow(),
-                    description=f"from config (bucket {bucket.name})",
-                    grants=grants,
-                )
+            await admin.ensure_key(
+                cred.access_key,
+                cred.secret_key.get_secret_value(),
+                {bucket.name: frozenset(Permission(p) for p in cred.permissions)},
+                f"from config (bucket {bucket.name})",
             )
+    for key in config.credentials:
+        await admin.ensure_key(
+            key.access_key,
+            key.secret_key.get_secret_value(),
+            {b: frozenset(Permission(p) for p in perms) for b, perms in key.grants.items()},
+            key.description or "from config",
+        )
 
 
 async def open_pool(
@@ -167,7 +172,9 @@ async def open_pool(
     meter = UsageMeter(store, caps)
     backends: dict[str, Backend] = {}
     try:
-        await _apply_config(store, config)
+        sealer = SecretSealer(await _pool_secret(store))
+        access = AccessService(store, sealer)
+        await _apply_config(store, AdminService(store, access, sealer), config)
         await meter.reload()
         for spec in config.backends:
             backend = make_backend(spec, meter.record)
@@ -180,6 +187,7 @@ async def open_pool(
             meter,
             states=states,
         )
+        admin = AdminService(store, access, sealer, state)
         chunks = ChunkStore(state, cpu, replicas=config.pool.replication_factor)
         objects = ObjectService(store, chunks, cpu, chunk_size=config.pool.chunk_size)
         return Pool(
@@ -194,7 +202,8 @@ async def open_pool(
             multipart=MultipartService(store, objects),
             gc=GcWorker(store, chunks),
             janitor=Janitor(store),
-            access=AccessService(store),
+            access=access,
+            admin=admin,
         )
     except BaseException:
         await _release(store, cpu, backends.values())

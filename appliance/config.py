@@ -16,7 +16,6 @@ Contracts:
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import os
 import re
 import types
@@ -40,7 +39,10 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from appliance.names import BUCKET_NAME_RULE, is_valid_bucket_name
+
 __all__ = [
+    "AccessKeyConfig",
     "BackendConfig",
     "BucketConfig",
     "ByteSize",
@@ -207,8 +209,19 @@ class ServerConfig(BaseModel):
     domain: str | None = None
     """Base domain for virtual-hosted-style requests (``bucket.domain``); None = path-style."""
     max_request_body: ByteSize = Field(default=5 * TiB, gt=0)
+    admin_host: str = "127.0.0.1"
+    """Where the admin API listens (loopback by default: put it behind TLS to expose it)."""
+    admin_token: SecretStr | None = None
+    """Bearer token of the admin API; without one the admin API answers 401 to everything."""
 
-    _check_host = field_validator("host", "region")(_non_empty)
+    _check_host = field_validator("host", "region", "admin_host")(_non_empty)
+
+    @field_validator("admin_token")
+    @classmethod
+    def _check_admin_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters long")
+        return value
 
     @field_validator("domain")
     @classmethod
@@ -502,7 +515,11 @@ BackendConfig = Annotated[S3BackendConfig | LocalBackendConfig, Field(discrimina
 # --------------------------------------------------------------------------- buckets
 
 _ACCESS_KEY = re.compile(r"[A-Za-z0-9]{16,128}")
-_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+PermissionName = Literal["read", "write", "list", "delete", "admin"]
+OWNER_PERMISSIONS: tuple[PermissionName, ...] = ("read", "write", "list", "delete")
+"""What a key listed under a bucket may do there unless ``permissions`` says otherwise."""
 
 
 class CredentialConfig(BaseModel):
@@ -512,6 +529,7 @@ class CredentialConfig(BaseModel):
 
     access_key: str
     secret_key: SecretStr
+    permissions: tuple[PermissionName, ...] = OWNER_PERMISSIONS
 
     @field_validator("access_key")
     @classmethod
@@ -528,12 +546,31 @@ class CredentialConfig(BaseModel):
         return value
 
 
-def _is_ip_address(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True
+class AccessKeyConfig(CredentialConfig):
+    """A key with permissions on several buckets; ``"*"`` grants apply to every bucket
+    (``{"*": [admin]}`` may create and delete buckets through S3)."""
+
+    permissions: tuple[PermissionName, ...] = ()
+    description: str = ""
+    grants: dict[str, tuple[PermissionName, ...]]
+
+    @field_validator("grants")
+    @classmethod
+    def _check_grants(
+        cls, value: dict[str, tuple[PermissionName, ...]]
+    ) -> dict[str, tuple[PermissionName, ...]]:
+        if not value:
+            raise ValueError("grant at least one bucket (or '*')")
+        for bucket in value:
+            if bucket != "*" and not is_valid_bucket_name(bucket):
+                raise ValueError(f"invalid bucket name {bucket!r} (use a bucket name or '*')")
+        return value
+
+    @model_validator(mode="after")
+    def _no_plain_permissions(self) -> AccessKeyConfig:
+        if self.permissions:
+            _raise_problems([(("permissions",), "use 'grants' for a top-level credential")])
+        return self
 
 
 class BucketConfig(BaseModel):
@@ -554,17 +591,14 @@ class BucketConfig(BaseModel):
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
-        if not _BUCKET_NAME.fullmatch(value) or ".." in value or _is_ip_address(value):
-            raise ValueError(
-                f"invalid bucket name {value!r}: use 3-63 lowercase letters, digits, '-' "
-                "or '.', starting and ending with a letter or digit, no '..', not an IP address"
-            )
+        if not is_valid_bucket_name(value):
+            raise ValueError(f"invalid bucket name {value!r}: use {BUCKET_NAME_RULE}")
         return value
 
 
 # --------------------------------------------------------------------------- root
 
-_SECTIONS = ("server", "database", "pool", "backends", "buckets")
+_SECTIONS = ("server", "database", "pool", "backends", "buckets", "credentials")
 
 
 class CairnConfig(BaseModel):
@@ -577,6 +611,7 @@ class CairnConfig(BaseModel):
     pool: PoolConfig = PoolConfig()
     backends: list[BackendConfig]
     buckets: list[BucketConfig] = []
+    credentials: list[AccessKeyConfig] = []
 
     @model_validator(mode="before")
     @classmethod
@@ -585,7 +620,7 @@ class CairnConfig(BaseModel):
         # An absent database section means SQLite with defaults (validated, so its
         # relative path is resolved like any other).
         if isinstance(data, Mapping):
-            optional = ("server", "database", "pool", "buckets")
+            optional = ("server", "database", "pool", "buckets", "credentials")
             data = {k: v for k, v in data.items() if not (k in optional and v is None)}
             data.setdefault("database", {"sqlite": {}})
         return data
@@ -623,6 +658,28 @@ class CairnConfig(BaseModel):
         )
         _raise_problems(problems)
         return value
+
+    @model_validator(mode="after")
+    def _check_key_uniqueness(self) -> CairnConfig:
+        in_buckets = {c.access_key for b in self.buckets for c in b.credentials}
+        problems: list[tuple[_Loc, str]] = _find_duplicates(
+            (
+                (("credentials", i, "access_key"), c.access_key)
+                for i, c in enumerate(self.credentials)
+            ),
+            "access key",
+        )
+        for i, cred in enumerate(self.credentials):
+            if cred.access_key in in_buckets:
+                problems.append(
+                    (
+                        ("credentials", i, "access_key"),
+                        f"{cred.access_key!r} is also listed under a bucket; list it once "
+                        "(here, with grants for each bucket)",
+                    )
+                )
+        _raise_problems(problems)
+        return self
 
     @model_validator(mode="after")
     def _check_replication(self) -> CairnConfig:

@@ -72,3 +72,27 @@ class MetadataUnavailable(CairnError):
 
 class InvalidObjectName(CairnError):
     """The key is empty, too long or holds characters Cairn refuses."""
+
+
+class InvalidBucketName(CairnError):
+    pass
+
+
+class BucketExists(CairnError):
+    """A bucket of that name exists already."""
+
+
+class BucketNotEmpty(CairnError):
+    """The bucket still holds objects or multipart uploads."""
+
+
+class NoSuchAccessKey(CairnError):
+    pass
+
+
+class AccessKeyExists(CairnError):
+    pass
+
+
+class InvalidArgument(CairnError):
+    """A parameter of an admin or S3 call is malformed or out of range."""

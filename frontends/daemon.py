@@ -22,6 +22,7 @@ from appliance.build import Pool, open_pool
 from appliance.config import CairnConfig
 from appliance.meta.errors import MetaError
 from backends.errors import BackendError
+from frontends.admin.server import AdminApi
 from frontends.s3.server import S3Frontend
 
 log = logging.getLogger("cairn.daemon")
@@ -91,9 +92,21 @@ def build_app(pool: Pool) -> web.Application:
         pool.objects,
         pool.multipart,
         pool.access,
+        pool.admin,
         pool.cpu,
         region=pool.config.server.region,
     ).install(app)
+    return app
+
+
+def build_admin_app(pool: Pool) -> web.Application:
+    """The admin API's application (its own listener, ``server.admin_host:admin_port``)."""
+    app = web.Application(client_max_size=1024**2)
+    app[POOL_KEY] = pool
+    app.router.add_get("/health", _health)
+    app.router.add_get("/health/ready", _ready)
+    token = pool.config.server.admin_token
+    AdminApi(pool.admin, token=token.get_secret_value() if token else None).install(app)
     return app
 
 
@@ -120,6 +133,7 @@ async def _run(config: CairnConfig, mode: str) -> int:
         loop.add_signal_handler(sig, stop.set)
     app = build_app(pool)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=30)
+    admin_runner = web.AppRunner(build_admin_app(pool), handle_signals=False)
     workers: list[asyncio.Task[None]] = []
     try:
         if mode in ("worker", "all"):
@@ -128,11 +142,16 @@ async def _run(config: CairnConfig, mode: str) -> int:
             await runner.setup()
             site = web.TCPSite(runner, config.server.host, config.server.port)
             await site.start()
+            await admin_runner.setup()
+            server = config.server
+            await web.TCPSite(admin_runner, server.admin_host, server.admin_port).start()
             log.info(
-                "cairn (%s mode) serving S3 on http://%s:%d",
+                "cairn (%s mode) serving S3 on http://%s:%d, the admin API on http://%s:%d",
                 mode,
-                config.server.host,
-                config.server.port,
+                server.host,
+                server.port,
+                server.admin_host,
+                server.admin_port,
             )
         else:
             log.info("cairn (worker mode) running background workers")
@@ -153,6 +172,7 @@ async def _run(config: CairnConfig, mode: str) -> int:
     finally:
         stop.set()
         await runner.cleanup()
+        await admin_runner.cleanup()
         await asyncio.gather(*workers, return_exceptions=True)
         await pool.close()
     return 0

@@ -344,9 +344,22 @@ class SqlMetadataStore(abc.ABC):
             for table in ("objects", "multipart_uploads", "versions"):
                 if await tx.fetchrow(f"SELECT 1 AS x FROM {table} WHERE bucket = $1 LIMIT 1", name):
                     raise BucketNotEmpty(f"bucket {name!r} is not empty")
+            await tx.execute("DELETE FROM grants WHERE bucket = $1", name)
             await tx.execute("DELETE FROM buckets WHERE name = $1", name)
 
         await self._run(work)
+
+    async def bucket_usage(self, name: str) -> tuple[int, int]:
+        async def work(tx: Tx) -> tuple[int, int]:
+            row = await tx.fetchrow(
+                "SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS total FROM objects "
+                "WHERE bucket = $1",
+                name,
+            )
+            assert row is not None
+            return int(row["n"]), int(row["total"])
+
+        return await self._run(work)
 
     async def put_credential(self, credential: Credential) -> None:
         async def work(tx: Tx) -> None:

@@ -94,7 +94,13 @@ class MetadataStore(Protocol):
     async def list_buckets(self) -> list[Bucket]: ...
 
     async def delete_bucket(self, name: str) -> None:
-        """Raises ``NotFound``, or ``BucketNotEmpty`` while objects or uploads remain."""
+        """Delete an empty bucket and every grant naming it, in one transaction.
+
+        Raises ``NotFound``, or ``BucketNotEmpty`` while objects or uploads remain."""
+        ...
+
+    async def bucket_usage(self, name: str) -> tuple[int, int]:
+        """(object count, logical bytes) of the bucket's current objects; (0, 0) when absent."""
         ...
 
     async def put_credential(self, credential: Credential) -> None:

@@ -7,10 +7,16 @@ the admin API takes effect within ``ttl``.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 from cachetools import TTLCache
 
 from appliance.meta.models import Credential, Permission
 from appliance.meta.store import MetadataStore
+from appliance.services.sealing import SealBroken, SecretSealer
+
+log = logging.getLogger("cairn.access")
 
 WILDCARD = "*"
 
@@ -19,16 +25,31 @@ class AccessService:
     """Looks up credentials and checks per-bucket permissions."""
 
     def __init__(
-        self, store: MetadataStore, *, ttl: float = 5.0, max_entries: int = 10_000
+        self,
+        store: MetadataStore,
+        sealer: SecretSealer,
+        *,
+        ttl: float = 5.0,
+        max_entries: int = 10_000,
     ) -> None:
         self._store = store
+        self._sealer = sealer
         self._cache: TTLCache[str, Credential | None] = TTLCache(maxsize=max_entries, ttl=ttl)
 
     async def credential(self, access_key: str) -> Credential | None:
-        """The credential for ``access_key``, or None when there is none."""
+        """The credential for ``access_key`` with its secret opened, or None when there is
+        none (or its sealed secret does not open, which is logged)."""
         if access_key in self._cache:
             return self._cache[access_key]
         found = await self._store.get_credential(access_key)
+        if found is not None:
+            try:
+                found = dataclasses.replace(
+                    found, secret=self._sealer.open(access_key, found.secret)
+                )
+            except SealBroken as exc:
+                log.error("%s; requests with this key are refused", exc)
+                found = None
         self._cache[access_key] = found
         return found
 

@@ -308,6 +308,9 @@ class ObjectService:
     async def list_buckets(self) -> list[Bucket]:
         return await self._store.list_buckets()
 
+    async def bucket_exists(self, bucket: str) -> bool:
+        return await self._store.get_bucket(bucket) is not None
+
     async def get_bucket(self, bucket: str) -> Bucket:
         found = await self._store.get_bucket(bucket)
         if found is None:

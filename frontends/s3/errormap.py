@@ -30,6 +30,10 @@ _TABLE: dict[type[BaseException], tuple[str, str | None]] = {
     domain.DataCorrupted: ("InternalError", None),
     domain.MetadataUnavailable: ("ServiceUnavailable", None),
     domain.InvalidObjectName: ("KeyTooLongError", None),
+    domain.InvalidBucketName: ("InvalidBucketName", None),
+    domain.BucketExists: ("BucketAlreadyExists", None),
+    domain.BucketNotEmpty: ("BucketNotEmpty", "The bucket you tried to delete is not empty."),
+    domain.InvalidArgument: ("InvalidArgument", None),
 }
 
 

@@ -27,9 +27,10 @@ from multidict import CIMultiDict
 
 from appliance.clock import utcnow
 from appliance.data.cpu import CpuPool
-from appliance.errors import InvalidRange, NoSuchBucket
+from appliance.errors import BucketExists, InvalidRange
 from appliance.meta.models import Credential, ObjectVersion, Permission, WritePrecondition
 from appliance.services.access import AccessService
+from appliance.services.admin import AdminService
 from appliance.services.multipart import MAX_PART_NUMBER, MultipartService
 from appliance.services.objects import ObjectService, check_key
 from frontends.s3 import xml as s3xml
@@ -215,6 +216,7 @@ class S3Frontend:
         objects: ObjectService,
         multipart: MultipartService,
         access: AccessService,
+        admin: AdminService,
         cpu: CpuPool,
         *,
         region: str,
@@ -223,6 +225,7 @@ class S3Frontend:
         self._objects = objects
         self._multipart = multipart
         self._access = access
+        self._admin = admin
         self._cpu = cpu
         self._region = region
         self._clock = clock
@@ -371,24 +374,45 @@ class S3Frontend:
                 return await self._list_objects(req, v2=True)
             return await self._list_objects(req, v2=False)
         if method == "PUT":
-            self._require_any(req)
-            try:
-                await self._objects.get_bucket(req.bucket)
-            except NoSuchBucket as exc:
-                raise S3Error(
-                    "AccessDenied", "Creating buckets needs the admin permission"
-                ) from exc
-            return web.Response(headers={"Location": f"/{req.bucket}"})
+            return await self._create_bucket(req)
         if method == "POST" and "delete" in query:
             self._require(req, Permission.DELETE)
             return await self._delete_objects(req)
         if method == "DELETE":
-            raise S3Error(
-                "NotImplemented", "DeleteBucket is not available through S3 in this version."
-            )
+            self._require(req, Permission.ADMIN)
+            await self._admin.delete_bucket(req.bucket)
+            return web.Response(status=204)
         raise S3Error(
             "MethodNotAllowed", "The specified method is not allowed against this resource."
         )
+
+    async def _create_bucket(self, req: _Request) -> web.Response:
+        """CreateBucket: needs ``admin`` on the name (or on ``*``). A bucket the key can
+        already use answers ``BucketAlreadyOwnedByYou`` (rclone and others treat that as
+        success); one it cannot answers ``BucketAlreadyExists`` to an admin key and
+        ``AccessDenied`` to any other, so a plain key learns nothing of other buckets."""
+        if req.http.headers.get("x-amz-bucket-object-lock-enabled", "").lower() == "true":
+            raise S3Error("NotImplemented", "Cairn does not implement S3 Object Lock.")
+        if self._allows_any(req) and await self._objects.bucket_exists(req.bucket):
+            raise S3Error("BucketAlreadyOwnedByYou")
+        self._require(req, Permission.ADMIN)
+        constraint = s3xml.parse_create_bucket_configuration(
+            await s3xml.read_xml_body(self._body(req.http))
+        )
+        if constraint not in (None, self._region):
+            raise S3Error(
+                "InvalidLocationConstraint",
+                f"This endpoint serves region {self._region!r}; the location constraint "
+                f"{constraint!r} is not valid here.",
+            )
+        try:
+            await self._admin.create_bucket(req.bucket)
+        except BucketExists as exc:
+            raise S3Error("BucketAlreadyExists") from exc
+        return web.Response(headers={"Location": f"/{req.bucket}"})
+
+    def _allows_any(self, req: _Request) -> bool:
+        return any(self._access.allows(req.credential, req.bucket, p) for p in Permission)
 
     def _require_any(self, req: _Request) -> None:
         if not any(self._access.allows(req.credential, req.bucket, p) for p in Permission):

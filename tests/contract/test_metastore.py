@@ -162,6 +162,24 @@ async def test_non_empty_bucket_is_not_deleted(pool: SqlMetadataStore) -> None:
     await pool.delete_bucket("bk")
 
 
+async def test_bucket_usage_and_deleting_a_bucket_drops_its_grants(
+    pool: SqlMetadataStore, clock: FakeClock
+) -> None:
+    assert await pool.bucket_usage("bk") == (0, 0)
+    await put_object(pool, "bk", "k1", ["c1"])
+    await put_object(pool, "bk", "k2", ["c2"])
+    count, size = await pool.bucket_usage("bk")
+    assert count == 2 and size > 0
+    assert await pool.bucket_usage("nothing-here") == (0, 0)
+    grants = {"bk": frozenset({Permission.READ}), "*": frozenset({Permission.LIST})}
+    await pool.put_credential(Credential("AKIAEXAMPLE000002", "s", clock(), "", grants))
+    await pool.delete_object("bk", "k1")
+    await pool.delete_object("bk", "k2")
+    await pool.delete_bucket("bk")
+    left = await pool.get_credential("AKIAEXAMPLE000002")
+    assert left is not None and dict(left.grants) == {"*": frozenset({Permission.LIST})}
+
+
 async def test_credentials_round_trip(store: SqlMetadataStore, clock: FakeClock) -> None:
     cred = Credential(
         "AKIAEXAMPLE000001",

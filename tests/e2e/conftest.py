@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -71,6 +72,10 @@ SECRET_KEY = "e2e-secret-000001"
 OTHER_BUCKET = "other"
 OTHER_ACCESS_KEY = "OTHERKEY00000001"
 OTHER_SECRET_KEY = "other-secret-0001"
+ADMIN_ACCESS_KEY = "ADMINKEY00000001"
+ADMIN_SECRET_KEY = "admin-secret-0001"
+"""A key with every permission on every bucket (``*``): may create and delete buckets."""
+ADMIN_TOKEN = "e2e-admin-token-0000000001"
 REGION = "us-east-1"
 CHUNK_SIZE = MiB
 DEFAULT_QUOTAS = (96 * MiB, 128 * MiB, 160 * MiB)
@@ -145,6 +150,7 @@ class Daemon:
     spec: DaemonSpec
     root: Path
     port: int
+    admin_port: int
     config_path: Path
     backends: dict[str, Path]
     quotas: dict[str, int]
@@ -294,10 +300,41 @@ class Daemon:
         client.meta.events.register("after-call.s3", check_request_id)
         return client
 
-    def presign(self, method: str, path: str, expires: int = 300) -> str:
+    def admin_client(self, **config: Any) -> Any:
+        """A boto3 client with the key that holds ``admin`` on every bucket."""
+        return self.client(access_key=ADMIN_ACCESS_KEY, secret_key=ADMIN_SECRET_KEY, **config)
+
+    def admin(
+        self, method: str, path: str, body: Any = None, *, token: str | None = ADMIN_TOKEN
+    ) -> tuple[int, Any]:
+        """Call the admin API (``path`` below ``/admin/api``): (status, decoded JSON or None)."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.admin_port}/admin/api{path}", data=data, method=method
+        )
+        if token is not None:
+            request.add_header("Authorization", f"Bearer {token}")
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                status, raw = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            status, raw = exc.code, exc.read()
+        return status, (json.loads(raw) if raw else None)
+
+    def presign(
+        self,
+        method: str,
+        path: str,
+        expires: int = 300,
+        *,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+    ) -> str:
         """A SigV4 presigned URL (botocore's signer) for ``path`` (with its query string)."""
         request = AWSRequest(method=method, url=f"{self.endpoint}{path}")
-        credentials = Credentials(self.access_key, self.secret_key)
+        credentials = Credentials(access_key or self.access_key, secret_key or self.secret_key)
         S3SigV4QueryAuth(credentials, "s3", self.region, expires=expires).add_auth(request)
         return str(request.prepare().url)
 
@@ -325,13 +362,18 @@ class Daemon:
         endpoint: str | None = None,
         timeout: float = 180,
         ok_codes: tuple[int, ...] = (0,),
+        keys: tuple[str, str] | None = None,
     ) -> str:
-        """Run ``aws --endpoint-url E <args>``; its stdout. Fails the test on another exit
-        code than ``ok_codes`` (``aws s3 ls`` exits 1 when it finds nothing)."""
+        """Run ``aws --endpoint-url E <args>`` (with ``keys``, another access key and
+        secret); its stdout. Fails the test on another exit code than ``ok_codes``
+        (``aws s3 ls`` exits 1 when it finds nothing)."""
         command = [AWS, "--endpoint-url", endpoint or self.endpoint, *args]
         if endpoint and endpoint.startswith("https:"):
             command.insert(1, "--no-verify-ssl")
-        return _run(command, self.aws_env(), timeout, ok_codes)
+        env = self.aws_env()
+        if keys is not None:
+            env.update(AWS_ACCESS_KEY_ID=keys[0], AWS_SECRET_ACCESS_KEY=keys[1])
+        return _run(command, env, timeout, ok_codes)
 
     def rclone_env(self) -> dict[str, str]:
         env = self.client_env()
@@ -463,7 +505,9 @@ def _run(
     return result.stdout
 
 
-def write_config(daemon_root: Path, port: int, spec: DaemonSpec, schema: str | None) -> Path:
+def write_config(
+    daemon_root: Path, port: int, admin_port: int, spec: DaemonSpec, schema: str | None
+) -> Path:
     backends = [
         {"name": f"disk{i}", "type": "local", "path": f"disk{i}", "quota_bytes": quota}
         for i, quota in enumerate(spec.quotas)
@@ -474,7 +518,13 @@ def write_config(daemon_root: Path, port: int, spec: DaemonSpec, schema: str | N
     else:
         database = {"sqlite": {"path": "cairn.db"}}
     config = {
-        "server": {"host": "127.0.0.1", "port": port, "admin_port": free_port(), "region": REGION},
+        "server": {
+            "host": "127.0.0.1",
+            "port": port,
+            "admin_port": admin_port,
+            "admin_token": ADMIN_TOKEN,
+            "region": REGION,
+        },
         "database": database,
         "pool": {
             "chunk_size": CHUNK_SIZE,
@@ -493,6 +543,13 @@ def write_config(daemon_root: Path, port: int, spec: DaemonSpec, schema: str | N
                 "credentials": [{"access_key": OTHER_ACCESS_KEY, "secret_key": OTHER_SECRET_KEY}],
             },
         ],
+        "credentials": [
+            {
+                "access_key": ADMIN_ACCESS_KEY,
+                "secret_key": ADMIN_SECRET_KEY,
+                "grants": {"*": ["read", "write", "list", "delete", "admin"]},
+            }
+        ],
     }
     path = daemon_root / "cairn.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -510,12 +567,13 @@ def start_daemon(spec: DaemonSpec, root: Path, *, expect_errors: bool = False) -
             asyncio.run(_pg_exec(dsn, f"CREATE SCHEMA {schema}"))
         except Exception as exc:  # a configured but dead server is a failure, not a skip
             pytest.fail(f"cannot reach PostgreSQL at CAIRN_TEST_PG_DSN: {exc}")
-    port = free_port()
+    port, admin_port = free_port(), free_port()
     daemon = Daemon(
         spec=spec,
         root=root,
         port=port,
-        config_path=write_config(root, port, spec, schema),
+        admin_port=admin_port,
+        config_path=write_config(root, port, admin_port, spec, schema),
         backends={f"disk{i}": root / f"disk{i}" for i in range(len(spec.quotas))},
         quotas={f"disk{i}": q for i, q in enumerate(spec.quotas)},
         pg_schema=schema,

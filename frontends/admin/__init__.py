@@ -1,0 +1,2 @@
+"""The admin HTTP API (JSON, with an OpenAPI document): the console's and ``cairn admin``'s
+one door into the core."""

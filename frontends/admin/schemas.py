@@ -1,0 +1,74 @@
+"""Request and response bodies of the admin API (pydantic: validation and the OpenAPI
+schemas come from the same classes)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PermissionName = Literal["read", "write", "list", "delete", "admin"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Error(BaseModel):
+    code: str
+    message: str
+
+
+class BucketOut(BaseModel):
+    name: str
+    created_at: datetime
+    objects: int
+    bytes: int
+
+
+class BucketIn(_Strict):
+    name: str
+
+
+class KeyOut(BaseModel):
+    access_key: str
+    description: str
+    created_at: datetime
+    grants: dict[str, list[PermissionName]] = Field(
+        description="Permissions per bucket name; '*' stands for every bucket."
+    )
+
+
+class KeyIn(_Strict):
+    access_key: str | None = Field(default=None, description="Generated when absent.")
+    secret_key: str | None = Field(default=None, description="Generated when absent.")
+    description: str = ""
+    grants: dict[str, list[PermissionName]]
+
+
+class RotateIn(_Strict):
+    secret_key: str | None = Field(default=None, description="Generated when absent.")
+
+
+class GrantsIn(_Strict):
+    grants: dict[str, list[PermissionName]]
+
+
+class SecretOut(BaseModel):
+    """The only answer that carries a secret: keep it, it is not shown again."""
+
+    access_key: str
+    secret_key: str
+
+
+class BackendOut(BaseModel):
+    name: str
+    state: str
+    quota_bytes: int | None
+    used_bytes: int
+    reserved_bytes: int
+    free_bytes: int | None
+    requests_left: int | None
+    ingress_left: int | None
+    egress_left: int | None
