@@ -33,6 +33,7 @@ from appliance.config import (
     load_config,
     parse_config,
 )
+from frontends.admin.cli import admin
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -176,9 +177,11 @@ _STARTER = """\
 # paths are relative to this file's directory.
 
 server:
-  host: 127.0.0.1            # address the S3 and admin APIs listen on (0.0.0.0 = all)
+  host: 127.0.0.1            # address the S3 API listens on (0.0.0.0 = all)
   port: 9000                 # S3 API port
+  admin_host: 127.0.0.1      # address of the admin API (keep it private)
   admin_port: 9001           # admin API port (used by `cairn web` and `cairn admin`)
+  admin_token: "{admin_token}"   # bearer token of the admin API
   region: us-east-1          # region name clients sign requests for
   # domain: s3.example.com   # enables virtual-hosted-style requests (bucket.s3.example.com)
   max_request_body: 5TiB     # largest request body accepted
@@ -227,6 +230,12 @@ buckets:                     # the buckets Cairn serves over S3, and their acces
     credentials:
       - access_key: {access_key}
         secret_key: "{secret_key}"   # keep this file private (it is written mode 0600)
+        # permissions: [read, write, list, delete]   # the default; add admin to delete the bucket
+
+# credentials:               # keys for several buckets; '*' means every bucket, and
+#   - access_key: ...        # admin on '*' may create and delete buckets through S3
+#     secret_key: ...
+#     grants: {{"*": [read, write, list, delete, admin]}}
 """
 
 
@@ -241,6 +250,7 @@ def render_starter(filename: str = _DEFAULT_CONFIG, bucket: str = "cairn") -> st
         bucket=bucket,
         access_key=_random_string(string.ascii_uppercase + string.digits, 20),
         secret_key=_random_string(string.ascii_letters + string.digits, 40),
+        admin_token=secrets.token_urlsafe(32),
     )
 
 
@@ -339,6 +349,9 @@ def serve(ctx: click.Context, config_path: Path, mode: str, mount: Path | None) 
         ctx.exit(2)
     code = daemon.serve(config, mode=mode, mount=mount)
     ctx.exit(int(code))
+
+
+cli.add_command(admin)
 
 
 def main() -> None:

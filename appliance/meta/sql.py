@@ -735,6 +735,37 @@ class SqlMetadataStore(abc.ABC):
 
         return await self._run(work)
 
+    async def set_current_header(
+        self, bucket: str, key: str, name: str, value: str | None
+    ) -> ObjectVersion:
+        async def work(tx: Tx) -> ObjectVersion:
+            row = await tx.fetchrow(
+                f"SELECT version_id FROM objects WHERE bucket = $1 AND key = $2"
+                f"{self.dialect.for_update}",
+                bucket,
+                key,
+            )
+            if row is None:
+                raise NotFound(f"no object {key!r} in bucket {bucket!r}")
+            version = await tx.fetchrow(
+                "SELECT * FROM versions WHERE version_id = $1", row["version_id"]
+            )
+            assert version is not None
+            headers = _loads(version["headers"])
+            if value is None:
+                headers.pop(name, None)
+            else:
+                headers[name] = value
+            updated = await tx.fetchrow(
+                "UPDATE versions SET headers = $2 WHERE version_id = $1 RETURNING *",
+                row["version_id"],
+                _dumps(headers),
+            )
+            assert updated is not None
+            return _version(updated)
+
+        return await self._run(work)
+
     async def get_layout(self, version_id: str) -> list[ChunkPlacement]:
         async def work(tx: Tx) -> list[ChunkPlacement]:
             rows = await tx.fetch(

@@ -184,6 +184,14 @@ class MetadataStore(Protocol):
 
     async def get_current(self, bucket: str, key: str) -> ObjectVersion | None: ...
 
+    async def set_current_header(
+        self, bucket: str, key: str, name: str, value: str | None
+    ) -> ObjectVersion:
+        """Set (or with None remove) one stored header of the key's current version, in
+        place: no new version, ETag and dates unchanged (for object tags). Raises
+        ``NotFound`` when the key has no current version."""
+        ...
+
     async def get_layout(self, version_id: str) -> list[ChunkPlacement]:
         """Refs of a version in order, each with its chunk and replicas (one query)."""
         ...

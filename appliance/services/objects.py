@@ -308,6 +308,18 @@ class ObjectService:
     async def list_buckets(self) -> list[Bucket]:
         return await self._store.list_buckets()
 
+    async def set_stored_header(
+        self, bucket: str, key: str, name: str, value: str | None
+    ) -> ObjectVersion:
+        """Change one stored header of the current version in place (object tags).
+
+        Raises ``NoSuchBucket`` or ``NoSuchKey``."""
+        await self.get_bucket(bucket)
+        try:
+            return await self._store.set_current_header(bucket, key, name, value)
+        except NotFound as exc:
+            raise NoSuchKey(key) from exc
+
     async def bucket_exists(self, bucket: str) -> bool:
         return await self._store.get_bucket(bucket) is not None
 

@@ -56,6 +56,7 @@ ERRORS: Mapping[str, ErrorSpec] = MappingProxyType(
         "InvalidArgument": ErrorSpec(400, "Invalid Argument"),
         "InvalidBucketName": ErrorSpec(400, "The specified bucket is not valid."),
         "InvalidDigest": ErrorSpec(400, "The Content-MD5 you specified was invalid."),
+        "InvalidTag": ErrorSpec(400, "The tag provided was not a valid tag."),
         "InvalidLocationConstraint": ErrorSpec(
             400, "The specified location constraint is not valid."
         ),

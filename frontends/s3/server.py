@@ -38,6 +38,14 @@ from frontends.s3.chunked import RequestBody, strip_aws_chunked
 from frontends.s3.errormap import to_s3_error
 from frontends.s3.errors import S3Error
 from frontends.s3.sigv4 import AuthContext, RequestParts, SigV4Verifier
+from frontends.s3.tags import (
+    TAG_COUNT_HEADER,
+    TAGGING_HEADER,
+    check_tags,
+    decode_tags,
+    encode_tags,
+    parse_tag_header,
+)
 
 log = logging.getLogger("cairn.s3")
 
@@ -76,7 +84,6 @@ UNSUPPORTED_SUBRESOURCES = (
     "encryption",
     "logging",
     "notification",
-    "tagging",
     "cors",
     "accelerate",
     "requestPayment",
@@ -173,6 +180,11 @@ def _stored_headers(request: web.Request) -> tuple[dict[str, str], dict[str, str
         for name, value in request.headers.items()
         if name.lower().startswith(META_PREFIX)
     }
+    tagging = request.headers.get(TAGGING_HEADER)
+    if tagging:
+        tags = parse_tag_header(tagging)
+        if tags:
+            headers[TAGGING_HEADER] = encode_tags(tags)
     return headers, meta
 
 
@@ -335,7 +347,11 @@ class S3Frontend:
                     "NotImplemented", f"Cairn does not implement the '{name}' subresource."
                 )
         if not key:
+            if "tagging" in request.query:
+                raise S3Error("NotImplemented", "Cairn does not implement bucket tagging.")
             return await self._bucket_call(req)
+        if "tagging" in request.query:
+            return await self._object_tagging(req)
         return await self._object_call(req)
 
     def _require(self, req: _Request, permission: Permission) -> None:
@@ -568,6 +584,30 @@ class S3Frontend:
             "MethodNotAllowed", "The specified method is not allowed against this resource."
         )
 
+    async def _object_tagging(self, req: _Request) -> web.Response:
+        """Get/Put/DeleteObjectTagging: tags change in place (no new version, same ETag)."""
+        method = req.http.method
+        if method == "GET":
+            self._require(req, Permission.READ)
+            version = (await self._objects.open_object(req.bucket, req.key)).version
+            tags = decode_tags(version.headers.get(TAGGING_HEADER))
+            return web.Response(body=s3xml.render_tagging(tags), content_type="application/xml")
+        if method == "PUT":
+            self._require(req, Permission.WRITE)
+            raw = await s3xml.read_xml_body(self._body(req.http))
+            tags = check_tags(s3xml.parse_tagging(raw))
+            await self._objects.set_stored_header(
+                req.bucket, req.key, TAGGING_HEADER, encode_tags(tags) if tags else None
+            )
+            return web.Response()
+        if method == "DELETE":
+            self._require(req, Permission.WRITE)
+            await self._objects.set_stored_header(req.bucket, req.key, TAGGING_HEADER, None)
+            return web.Response(status=204)
+        raise S3Error(
+            "MethodNotAllowed", "The specified method is not allowed against this resource."
+        )
+
     def _body(self, request: web.Request, *, md5_by_writer: bool = False) -> RequestBody:
         """The request's decoded, verified body. With ``md5_by_writer`` the Content-MD5
         check is left to the chunk writer, which computes the body's MD5 anyway (for the
@@ -645,11 +685,26 @@ class S3Frontend:
         _check_conditions(
             req.http, source.version, prefix="x-amz-copy-source-", not_modified="PreconditionFailed"
         )
+        tag_directive = req.http.headers.get("x-amz-tagging-directive", "COPY").upper()
+        if tag_directive not in ("COPY", "REPLACE"):
+            raise S3Error("InvalidArgument", "Unknown tagging directive.")
         headers: dict[str, str] | None = None
         meta: dict[str, str] | None = None
+        source_tags = source.version.headers.get(TAGGING_HEADER)
         if directive == "REPLACE":
             headers, meta = _stored_headers(req.http)
-        elif (src_bucket, src_key) == (req.bucket, req.key):
+            headers.pop(TAGGING_HEADER, None)
+            if tag_directive == "COPY" and source_tags:
+                headers[TAGGING_HEADER] = source_tags
+        elif tag_directive == "REPLACE":
+            headers = {k: v for k, v in source.version.headers.items() if k != TAGGING_HEADER}
+            meta = dict(source.version.user_metadata)
+        if tag_directive == "REPLACE":
+            assert headers is not None
+            tags = parse_tag_header(req.http.headers.get(TAGGING_HEADER, ""))
+            if tags:
+                headers[TAGGING_HEADER] = encode_tags(tags)
+        elif directive == "COPY" and (src_bucket, src_key) == (req.bucket, req.key):
             raise S3Error(
                 "InvalidRequest",
                 "This copy request is illegal because it is trying to copy an object to itself "
@@ -781,6 +836,9 @@ class S3Frontend:
         }
         checksum_mode = req.http.headers.get("x-amz-checksum-mode", "").upper() == "ENABLED"
         for name, value in version.headers.items():
+            if name == TAGGING_HEADER:
+                headers[TAG_COUNT_HEADER] = str(len(decode_tags(value)))
+                continue
             if name.lower().startswith(CHECKSUM_HEADER_PREFIX):
                 if checksum_mode and "Range" not in req.http.headers:
                     headers[name] = value

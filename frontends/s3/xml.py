@@ -848,3 +848,35 @@ async def read_xml_body(
         if len(buffer) > max_size:
             raise malformed(f"the document is larger than {max_size} bytes")
     return bytes(buffer)
+
+
+def parse_tagging(body: bytes, *, max_size: int = 64 * 1024) -> list[tuple[str, str]]:
+    """The (key, value) pairs of a ``<Tagging><TagSet><Tag>`` document, in order.
+
+    Raises ``MalformedXML``; the tags' own rules are checked by ``frontends.s3.tags``."""
+    root = _parse_tree(body, max_size)
+    _expect_root(root, "Tagging")
+    _no_text(root)
+    sets = [n for n in root.children if n.name == "TagSet"]
+    if len(sets) != 1 or len(root.children) != 1:
+        raise malformed("<Tagging> must hold exactly one <TagSet>")
+    _no_text(sets[0])
+    tags: list[tuple[str, str]] = []
+    for tag in sets[0].children:
+        if tag.name != "Tag":
+            raise malformed(f"unexpected <{tag.name}> in <TagSet>")
+        _no_text(tag)
+        fields: dict[str, str] = {}
+        for node in tag.children:
+            if node.name not in ("Key", "Value") or node.name in fields:
+                raise malformed(f"unexpected or repeated <{node.name}> in <Tag>")
+            fields[node.name] = _leaf(node)
+        if "Key" not in fields:
+            raise malformed("a <Tag> has no <Key>")
+        tags.append((fields["Key"], fields.get("Value", "")))
+    return tags
+
+
+def render_tagging(tags: Sequence[tuple[str, str]]) -> bytes:
+    body = "".join(f"<Tag>{_el('Key', key)}{_el('Value', value)}</Tag>" for key, value in tags)
+    return _document("Tagging", [f"<TagSet>{body}</TagSet>"])

@@ -189,3 +189,49 @@ def test_secrets_are_sealed_in_the_store(daemon_factory: DaemonFactory) -> None:
     for plain in (made["secret_key"], daemon.secret_key):
         assert plain not in dump
     assert ADMIN_SECRET_KEY not in dump
+
+
+def test_cairn_admin_cli(cairn: Daemon) -> None:
+    import subprocess
+    import sys
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "frontends.cli", "admin", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={
+                **cairn.client_env(),
+                "CAIRN_ADMIN_URL": f"http://127.0.0.1:{cairn.admin_port}",
+                "CAIRN_ADMIN_TOKEN": ADMIN_TOKEN,
+            },
+        )
+
+    made = run(
+        "--json", "credentials", "create", "--grant", "e2e=read,list", "--description", "cli"
+    )
+    assert made.returncode == 0, made.stderr
+    key = json.loads(made.stdout)
+    s3 = cairn.client(access_key=key["access_key"], secret_key=key["secret_key"])
+    assert s3.list_objects_v2(Bucket="e2e", MaxKeys=1)["ResponseMetadata"]["HTTPStatusCode"] == 200
+    listed = run("credentials", "list")
+    assert key["access_key"] in listed.stdout and key["secret_key"] not in listed.stdout
+    assert "e2e=list,read" in listed.stdout
+    assert run("buckets", "create", "cli-bucket").returncode == 0
+    assert "cli-bucket" in run("buckets", "list").stdout
+    again = run("buckets", "create", "cli-bucket")
+    assert again.returncode == 1 and "BucketExists" in again.stderr
+    bad = run("credentials", "create", "--grant", "e2e=fly")
+    assert bad.returncode == 2 and "PERM" in bad.stderr
+    assert run("buckets", "delete", "cli-bucket").returncode == 0
+    assert run("credentials", "delete", key["access_key"]).returncode == 0
+    backends = json.loads(run("--json", "backends").stdout)
+    assert [b["name"] for b in backends] == ["disk0", "disk1", "disk2"]
+    unreachable = subprocess.run(
+        [sys.executable, "-m", "frontends.cli", "admin", "--url", "http://127.0.0.1:9",
+         "--token", "x", "buckets", "list"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert unreachable.returncode == 2 and "cannot reach" in unreachable.stderr
