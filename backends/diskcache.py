@@ -54,6 +54,7 @@ _FIXED = struct.Struct("<8sIB3xQQIHH")
 _TO_END = 1
 _CRC = struct.Struct("<I")
 TEMP_DIR = "tmp"
+MAX_CHANGED = 65536
 
 
 class DiskCacheBusy(OSError):
@@ -281,6 +282,12 @@ class DiskCache:
         self._pending = 0
         self._writes: set[asyncio.Task[None]] = set()
         self._lock_fd: int | None = None
+        self._seq = 0
+        self._changed: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._changed_floor = 0
+        """Keys written or deleted, with the sequence number of their last change (the
+        newest ``MAX_CHANGED``); a read that began before a change of its key stores
+        nothing. ``_changed_floor`` is the newest change forgotten."""
         self.hits = 0
         self.misses = 0
         self.stored = 0
@@ -381,8 +388,26 @@ class DiskCache:
                 return entry
         return None
 
+    @property
+    def seq(self) -> int:
+        """The current change sequence number (a read notes it when it starts)."""
+        return self._seq
+
+    def changed_since(self, backend: str, key: str, seq: int) -> bool:
+        """Was the blob written or deleted after ``seq``? (True when unsure.)"""
+        if seq < self._changed_floor:
+            return True
+        return self._changed.get((backend, key), 0) > seq
+
     async def drop(self, backend: str, key: str) -> None:
-        """Forget every entry of one blob (it was overwritten or deleted)."""
+        """Forget every entry of one blob: it is being (or was) overwritten or deleted.
+        Reads of it that are in flight store nothing."""
+        self._seq += 1
+        self._changed[(backend, key)] = self._seq
+        self._changed.move_to_end((backend, key))
+        while len(self._changed) > MAX_CHANGED:
+            _, forgotten = self._changed.popitem(last=False)
+            self._changed_floor = max(self._changed_floor, forgotten)
         entries = list(self._by_blob.get((backend, key), {}).values())
         for entry in entries:
             self._remove(entry)
@@ -420,14 +445,17 @@ class DiskCache:
     def release(self, nbytes: int) -> None:
         self._pending -= nbytes
 
-    def store(self, entry: _Entry, pieces: list[bytes], reserved: int) -> None:
-        """Write an entry in the background; ``reserved`` pending bytes are released
-        when done."""
-        task = asyncio.ensure_future(self._store(entry, pieces, reserved))
+    def store(self, entry: _Entry, pieces: list[bytes], reserved: int, seq: int) -> None:
+        """Write an entry in the background unless its blob changed after ``seq``;
+        ``reserved`` pending bytes are released when done."""
+        if self.changed_since(entry.backend, entry.key, seq):
+            self.release(reserved)
+            return
+        task = asyncio.ensure_future(self._store(entry, pieces, reserved, seq))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
-    async def _store(self, entry: _Entry, pieces: list[bytes], reserved: int) -> None:
+    async def _store(self, entry: _Entry, pieces: list[bytes], reserved: int, seq: int) -> None:
         try:
             if entry.name in self._lru or entry.file_size > self.max_size:
                 return
@@ -442,8 +470,11 @@ class DiskCache:
                     log.warning("could not write a disk cache entry: %s", exc)
                     return
                 raise
-            if entry.name in self._lru:  # stored meanwhile by a twin read: same bytes
+            if entry.name in self._lru or self.changed_since(entry.backend, entry.key, seq):
+                # stored meanwhile by a twin read (same bytes), or the blob changed
                 self._size -= entry.file_size
+                if entry.name not in self._lru:
+                    await asyncio.to_thread(self._unlink, [self._path(entry.name)])
                 return
             self._add(entry)
             self.stored += 1
@@ -522,6 +553,7 @@ class _TeeStream:
         self._end = end
         self._reserved = reserved
         self._pieces: list[bytes] | None = [] if reserved or end is None else None
+        self._seq = owner.cache.seq
         self._received = 0
         self._done = False
 
@@ -575,7 +607,7 @@ class _TeeStream:
         entry.file_size = _header_size(entry) + entry.length
         self._pieces = None
         reserved, self._reserved = self._reserved, 0
-        self._owner.cache.store(entry, pieces, reserved)
+        self._owner.cache.store(entry, pieces, reserved, self._seq)
 
     async def aclose(self) -> None:
         self._finish(reached_end=False)
@@ -620,14 +652,20 @@ class DiskCachedBackend:
 
     async def put(self, key: str, body: BlobBody, *, size: int) -> BlobInfo:
         await self.cache.drop(self.name, key)
-        return await self.inner.put(key, body, size=size)
+        try:
+            return await self.inner.put(key, body, size=size)
+        finally:
+            await self.cache.drop(self.name, key)  # reads made while it was written
 
     async def head(self, key: str) -> BlobInfo:
         return await self.inner.head(key)
 
     async def delete(self, key: str) -> None:
         await self.cache.drop(self.name, key)
-        await self.inner.delete(key)
+        try:
+            await self.inner.delete(key)
+        finally:
+            await self.cache.drop(self.name, key)
 
     def list(
         self, prefix: str = "", *, start_after: str | None = None, page_size: int = 1000
