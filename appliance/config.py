@@ -406,7 +406,8 @@ class CacheConfig(BaseModel):
     max_size: ByteSize = 256 * MiB
     """Bytes of chunk data held in memory; 0 = no memory cache."""
     max_object_size: ByteSize = 8 * MiB
-    """The largest chunk the memory cache keeps; larger chunks are read straight through."""
+    """The largest chunk the memory cache keeps; larger chunks are read straight through.
+    Left unset, it is 8 MiB or ``max_size`` if that is smaller."""
     ttl: float = Field(default=3600.0, ge=0)
     """Seconds a cached chunk is kept after it was stored; 0 = until evicted."""
     disk_dir: Path | None = None
@@ -427,7 +428,8 @@ class CacheConfig(BaseModel):
     @model_validator(mode="after")
     def _check_sizes(self) -> CacheConfig:
         problems: list[tuple[_Loc, str]] = []
-        if self.max_size and self.max_object_size > self.max_size:
+        explicit = "max_object_size" in self.model_fields_set  # else capped silently
+        if explicit and self.max_size and self.max_object_size > self.max_size:
             problems.append(
                 (
                     ("max_object_size",),
