@@ -8,13 +8,16 @@ and credentials recorded in the store. ``Pool.close`` releases all of it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from appliance.cache.memory import CachingChunkStore
 from appliance.config import (
     BackendConfig,
+    CacheConfig,
     CairnConfig,
     DatabaseConfig,
     LocalBackendConfig,
@@ -22,6 +25,7 @@ from appliance.config import (
 )
 from appliance.data.chunkstore import ChunkStore
 from appliance.data.cpu import CpuPool
+from appliance.data.storage import ChunkStorage
 from appliance.errors import BucketExists
 from appliance.meta.models import BackendSpec, Permission
 from appliance.meta.postgres import PostgresMetadataStore
@@ -37,11 +41,13 @@ from appliance.services.objects import ObjectService
 from appliance.services.sealing import SecretSealer
 from appliance.services.workers import GcWorker, Janitor
 from backends.base import Backend
+from backends.diskcache import DiskCache, DiskCacheBusy, DiskCachedBackend
 from backends.local import LocalBackend
 from backends.metering import MeteredBackend, Recorder
 from backends.retry import RetryingBackend
 from backends.s3 import S3Backend
 
+log = logging.getLogger("cairn.build")
 POOL_SECRET_SETTING = "pool_secret"
 
 
@@ -97,31 +103,68 @@ class Pool:
     meter: UsageMeter
     backends: dict[str, Backend]
     state: PoolState
-    chunks: ChunkStore
+    chunks: ChunkStorage
+    """What services read and write chunks through: the memory cache over the store."""
     objects: ObjectService
     multipart: MultipartService
     gc: GcWorker
     janitor: Janitor
     access: AccessService
     admin: AdminService
+    cache: CachingChunkStore | None = None
+    """The memory cache (None when ``cache.max_size`` is 0)."""
+    disk_cache: DiskCache | None = None
+    """The disk cache under the backends (None unless ``cache.disk_dir`` is set)."""
     _closed: bool = field(default=False, repr=False)
 
     async def close(self) -> None:
-        """Flush usage, close backends, the CPU pool, then the store. Idempotent."""
+        """Flush usage, close backends, the disk cache, the CPU pool, then the store.
+        Idempotent."""
         if self._closed:
             return
         self._closed = True
         with contextlib.suppress(Exception):
             await self.meter.flush()
-        await _release(self.store, self.cpu, self.backends.values())
+        await _release(self.store, self.cpu, self.backends.values(), self.disk_cache)
 
 
-async def _release(store: MetadataStore, cpu: CpuPool, backends: Iterable[Backend]) -> None:
+async def _release(
+    store: MetadataStore,
+    cpu: CpuPool,
+    backends: Iterable[Backend],
+    disk_cache: DiskCache | None = None,
+) -> None:
     for backend in backends:
         with contextlib.suppress(Exception):
             await backend.close()
+    if disk_cache is not None:
+        with contextlib.suppress(Exception):
+            await disk_cache.close()
     cpu.close()
     await store.close()
+
+
+async def open_disk_cache(config: CacheConfig) -> DiskCache | None:
+    """The configured disk cache, opened; None when it is off or its directory is held
+    by another process (logged: this process then runs without one)."""
+    if config.disk_dir is None:
+        return None
+    disk = DiskCache(config.disk_dir, config.disk_max_size)
+    try:
+        await disk.open()
+    except DiskCacheBusy as exc:
+        log.warning("running without the disk cache: %s", exc)
+        return None
+    return disk
+
+
+def wrap_chunks(chunks: ChunkStore, config: CacheConfig) -> ChunkStorage:
+    """The chunk store as services see it: behind the memory cache unless it is off."""
+    if config.max_size == 0:
+        return chunks
+    return CachingChunkStore(
+        chunks, max_size=config.max_size, max_object_size=config.max_object_size, ttl=config.ttl
+    )
 
 
 async def _pool_secret(store: MetadataStore) -> str:
@@ -171,14 +214,19 @@ async def open_pool(
     cpu = CpuPool()
     meter = UsageMeter(store, caps)
     backends: dict[str, Backend] = {}
+    disk: DiskCache | None = None
     try:
         sealer = SecretSealer(await _pool_secret(store))
         access = AccessService(store, sealer)
         await _apply_config(store, AdminService(store, access, sealer), config)
         await meter.reload()
+        disk = await open_disk_cache(config.cache)
         for spec in config.backends:
             backend = make_backend(spec, meter.record)
-            backends[spec.name] = wrap_backend(backend) if wrap_backend else backend
+            if wrap_backend:
+                backend = wrap_backend(backend)
+            # outermost: a disk-cache hit makes no backend call and counts no usage
+            backends[spec.name] = DiskCachedBackend(backend, disk) if disk else backend
         states = {b.name: BackendState.READ_ONLY for b in config.backends if b.read_only}
         state = PoolState(
             store,
@@ -188,7 +236,9 @@ async def open_pool(
             states=states,
         )
         admin = AdminService(store, access, sealer, state)
-        chunks = ChunkStore(state, cpu, replicas=config.pool.replication_factor)
+        chunks = wrap_chunks(
+            ChunkStore(state, cpu, replicas=config.pool.replication_factor), config.cache
+        )
         objects = ObjectService(store, chunks, cpu, chunk_size=config.pool.chunk_size)
         return Pool(
             config=config,
@@ -204,7 +254,9 @@ async def open_pool(
             janitor=Janitor(store),
             access=access,
             admin=admin,
+            cache=chunks if isinstance(chunks, CachingChunkStore) else None,
+            disk_cache=disk,
         )
     except BaseException:
-        await _release(store, cpu, backends.values())
+        await _release(store, cpu, backends.values(), disk)
         raise

@@ -46,6 +46,7 @@ __all__ = [
     "BackendConfig",
     "BucketConfig",
     "ByteSize",
+    "CacheConfig",
     "CairnConfig",
     "ConfigError",
     "CredentialConfig",
@@ -403,6 +404,57 @@ class PoolConfig(BaseModel):
         return value
 
 
+# --------------------------------------------------------------------------- cache
+
+
+class CacheConfig(BaseModel):
+    """The object cache: plaintext chunks in memory, and optionally blobs on a local disk.
+
+    ``max_size: 0`` turns the memory cache off; the disk cache is on only when
+    ``disk_dir`` is set. See docs/cache.md.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    max_size: ByteSize = 256 * MiB
+    """Bytes of chunk data held in memory; 0 = no memory cache."""
+    max_object_size: ByteSize = 8 * MiB
+    """The largest chunk the memory cache keeps; larger chunks are read straight through.
+    Left unset, it is 8 MiB or ``max_size`` if that is smaller."""
+    ttl: float = Field(default=3600.0, ge=0)
+    """Seconds a cached chunk is kept after it was stored; 0 = until evicted."""
+    disk_dir: Path | None = None
+    """Directory of the disk cache (blobs as the backends returned them); None = off."""
+    disk_max_size: ByteSize = 10 * GiB
+    """Bytes the disk cache may use under ``disk_dir``."""
+
+    _not_empty = field_validator("disk_dir", mode="before")(_path_not_empty)
+    _resolve = field_validator("disk_dir")(_resolve_path)
+
+    @field_validator("ttl", mode="before")
+    @classmethod
+    def _no_bool(cls, value: object) -> object:
+        if isinstance(value, bool):
+            raise ValueError("expected a number of seconds, got " + str(value).lower())
+        return value
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> CacheConfig:
+        problems: list[tuple[_Loc, str]] = []
+        explicit = "max_object_size" in self.model_fields_set  # else capped silently
+        if explicit and self.max_size and self.max_object_size > self.max_size:
+            problems.append(
+                (
+                    ("max_object_size",),
+                    f"must not exceed cache.max_size ({format_size(self.max_size)})",
+                )
+            )
+        if self.disk_dir is not None and self.disk_max_size <= 0:
+            problems.append((("disk_max_size",), "must be greater than 0 when disk_dir is set"))
+        _raise_problems(problems)
+        return self
+
+
 # --------------------------------------------------------------------------- backends
 
 _BACKEND_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
@@ -598,7 +650,7 @@ class BucketConfig(BaseModel):
 
 # --------------------------------------------------------------------------- root
 
-_SECTIONS = ("server", "database", "pool", "backends", "buckets", "credentials")
+_SECTIONS = ("server", "database", "pool", "cache", "backends", "buckets", "credentials")
 
 
 class CairnConfig(BaseModel):
@@ -609,6 +661,7 @@ class CairnConfig(BaseModel):
     server: ServerConfig = ServerConfig()
     database: DatabaseConfig = Field(default_factory=lambda: DatabaseConfig(sqlite=SqliteConfig()))
     pool: PoolConfig = PoolConfig()
+    cache: CacheConfig = CacheConfig()
     backends: list[BackendConfig]
     buckets: list[BucketConfig] = []
     credentials: list[AccessKeyConfig] = []
@@ -620,7 +673,7 @@ class CairnConfig(BaseModel):
         # An absent database section means SQLite with defaults (validated, so its
         # relative path is resolved like any other).
         if isinstance(data, Mapping):
-            optional = ("server", "database", "pool", "buckets", "credentials")
+            optional = ("server", "database", "pool", "cache", "buckets", "credentials")
             data = {k: v for k, v in data.items() if not (k in optional and v is None)}
             data.setdefault("database", {"sqlite": {}})
         return data

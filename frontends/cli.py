@@ -139,6 +139,7 @@ def summarize(config: CairnConfig) -> list[str]:
         f"pool:      chunk size {format_size(pool.chunk_size)}, placement {pool.placement}, "
         f"replication {pool.replication_factor}, gc delay {pool.gc_delay_seconds} s"
     )
+    lines.append(f"cache:     {_cache_summary(config)}")
     lines.append(f"backends:  {len(config.backends)}")
     width = max(len(b.name) for b in config.backends)
     for b in config.backends:
@@ -155,6 +156,19 @@ def summarize(config: CairnConfig) -> list[str]:
             creds = _plural(count, "credential") if count else "no credentials"
             lines.append(f"  {bucket.name.ljust(width)}  {creds}")
     return lines
+
+
+def _cache_summary(config: CairnConfig) -> str:
+    cache = config.cache
+    if cache.max_size:
+        ttl = f"ttl {cache.ttl:g} s" if cache.ttl else "no ttl"
+        largest = format_size(min(cache.max_object_size, cache.max_size))
+        memory = f"memory {format_size(cache.max_size)} (chunks up to {largest}, {ttl})"
+    else:
+        memory = "memory off"
+    if cache.disk_dir is None:
+        return f"{memory}, disk off"
+    return f"{memory}, disk {format_size(cache.disk_max_size)} at {cache.disk_dir}"
 
 
 @cli.command()
@@ -200,6 +214,13 @@ pool:
   placement: pack            # pack: fill backends in the order below; spread: least used first
   replication_factor: 1      # copies of every chunk, each on a different backend
   gc_delay_seconds: 3600     # how long unreferenced chunks are kept before deletion
+
+cache:                       # repeated reads without spending the providers' egress
+  max_size: 256MiB           # memory for cached chunks (plaintext); 0 turns it off
+  max_object_size: 8MiB      # larger chunks are not kept in memory (keep >= chunk_size)
+  ttl: 3600                  # seconds a chunk stays cached at most; 0 = until evicted
+  # disk_dir: ./cache        # a local disk cache of what the providers returned (off if unset)
+  # disk_max_size: 10GiB     # bytes the disk cache may use
 
 backends:                    # at least one; names are lowercase, unique and never change
   - name: disk1

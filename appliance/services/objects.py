@@ -30,8 +30,9 @@ from appliance.data.blobformat import (
     manifest_blob_key,
     object_prefix,
 )
-from appliance.data.chunkstore import ChunkStore, WrittenChunk
+from appliance.data.chunkstore import WrittenChunk
 from appliance.data.cpu import CpuPool
+from appliance.data.storage import ChunkStorage
 from appliance.errors import (
     BadDigest,
     IncompleteBody,
@@ -113,7 +114,7 @@ class ChunkedWriter:
     def __init__(
         self,
         store: MetadataStore,
-        chunks: ChunkStore,
+        chunks: ChunkStorage,
         cpu: CpuPool,
         *,
         chunk_size: int,
@@ -284,7 +285,7 @@ class ObjectService:
     def __init__(
         self,
         store: MetadataStore,
-        chunks: ChunkStore,
+        chunks: ChunkStorage,
         cpu: CpuPool,
         *,
         chunk_size: int,

@@ -8,13 +8,15 @@ from pathlib import Path
 import pytest
 
 from backends.base import Backend
+from backends.diskcache import DiskCache, DiskCachedBackend
 from backends.local import LocalBackend
 from backends.memory import MemoryBackend
 from tests.fixtures_moto import MotoS3, make_s3_backend, moto_s3
 
 __all__ = ["moto_s3"]
 
-BACKEND_KINDS = ["memory", "local", "s3", "s3-prefixed"]
+BACKEND_KINDS = ["memory", "local", "s3", "s3-prefixed", "local-diskcached"]
+"""``local-diskcached``: a local backend behind the disk cache, which must keep the contract."""
 
 
 BackendFactory = Callable[[str], Backend]
@@ -36,6 +38,9 @@ def make_backend(request: pytest.FixtureRequest, local_root: Path) -> BackendFac
             return MemoryBackend("mem")
         if kind == "local":
             return LocalBackend("local", local_root, fsync=True)
+        if kind == "local-diskcached":
+            cache = DiskCache(local_root.parent / "diskcache", 64 * 1024**2)
+            return DiskCachedBackend(LocalBackend("local", local_root, fsync=True), cache)
         if kind in ("s3", "s3-prefixed"):
             moto: MotoS3 = request.getfixturevalue("moto_s3")
             bucket = moto.new_bucket()
@@ -53,7 +58,11 @@ async def backend(
 ) -> AsyncIterator[Backend]:
     """Each backend kind in turn, closed after the test."""
     b = make_backend(request.param)
+    if isinstance(b, DiskCachedBackend):
+        await b.cache.open()
     try:
         yield b
     finally:
         await b.close()
+        if isinstance(b, DiskCachedBackend):
+            await b.cache.close()

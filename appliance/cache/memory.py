@@ -1,0 +1,209 @@
+"""The memory cache: plaintext chunks kept by their immutable chunk id (issue 5, part 4).
+
+``CachingChunkStore`` wraps any ``ChunkStorage`` (the plain chunk store, or the
+encrypting layer over it) and implements it again. Writes, ``undo`` and ``delete_blob``
+pass straight through; ``read`` is served from an LRU of whole chunks bounded in bytes.
+
+Contracts:
+
+- Keys are chunk ids. A chunk never changes once written, and an overwrite or a copy
+  makes a new version that names other chunk ids, so a cached chunk can never be stale:
+  nothing is ever invalidated.
+- The total of cached bytes never exceeds ``max_size``; a chunk larger than
+  ``max_object_size`` is never kept (its reads go straight through). With ``ttl`` > 0 an
+  entry is dropped ``ttl`` seconds after it was stored.
+- Only whole chunks, as returned (and verified) by the layer below, are kept. Concurrent
+  misses for one chunk share one fetch (``SingleFlight``); a failed fetch is not
+  remembered, so the next read tries again.
+- A range read of a cached chunk is sliced from it. A range miss fetches only the range
+  unless the range is at least half the chunk or the chunk was range-read recently (a
+  second piece of one chunk means the client reads it piecewise, e.g. FUSE), in which
+  case the whole chunk is fetched and kept. See docs/cache.md.
+- Returned buffers are immutable (``bytes``) whenever they come from the cache.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from cachetools import Cache, LRUCache, TTLCache
+
+from appliance.cache.singleflight import SingleFlight
+from appliance.data.blobformat import ChunkHeader, Manifest
+from appliance.data.chunkstore import WrittenChunk
+from appliance.data.storage import ChunkStorage
+from appliance.meta.models import Chunk, Location
+
+RECENT_RANGE_READS = 4096
+"""How many chunk ids the range-read memory holds (ids only, a few hundred KiB)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    """A snapshot of the memory cache's counters (monotonic since start) and size."""
+
+    hits: int
+    """Reads served from a cached chunk."""
+    misses: int
+    """Reads of a cacheable chunk that was not cached."""
+    coalesced: int
+    """Misses that waited for a fetch another read had started (no backend call of their own)."""
+    range_fetches: int
+    """Misses that fetched only the requested range (the chunk was not kept)."""
+    bypassed: int
+    """Reads of chunks larger than ``max_object_size`` (never cached)."""
+    evictions: int
+    """Chunks dropped to make room (expiry by ``ttl`` is not counted)."""
+    entries: int
+    size: int
+    """Bytes held now."""
+    max_size: int
+
+
+class _CountingLRU(LRUCache[str, bytes]):
+    evictions = 0
+
+    def popitem(self) -> tuple[str, bytes]:
+        item = super().popitem()
+        self.evictions += 1
+        return item
+
+
+class _CountingTTL(TTLCache[str, bytes]):
+    evictions = 0
+
+    def popitem(self) -> tuple[str, bytes]:
+        item = super().popitem()
+        self.evictions += 1
+        return item
+
+
+class CachingChunkStore:
+    """A ``ChunkStorage`` that keeps whole plaintext chunks in memory; see the module doc."""
+
+    def __init__(
+        self,
+        inner: ChunkStorage,
+        *,
+        max_size: int,
+        max_object_size: int,
+        ttl: float = 0.0,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_size <= 0:
+            raise ValueError("max_size must be positive (leave the cache out to disable it)")
+        if ttl < 0:
+            raise ValueError("ttl must not be negative")
+        self.inner = inner
+        self.max_size = max_size
+        self.max_object_size = min(max_object_size, max_size)
+        self._entries: _CountingLRU | _CountingTTL
+        if ttl > 0:
+            self._entries = _CountingTTL(max_size, ttl, timer=timer, getsizeof=len)
+        else:
+            self._entries = _CountingLRU(max_size, getsizeof=len)
+        self._recent_ranges: Cache[str, bool] = LRUCache(RECENT_RANGE_READS)
+        self._flights: SingleFlight[str, bytes] = SingleFlight()
+        self.hits = 0
+        self.misses = 0
+        self.coalesced = 0
+        self.range_fetches = 0
+        self.bypassed = 0
+
+    # -- counters -------------------------------------------------------------------
+    @property
+    def evictions(self) -> int:
+        return self._entries.evictions
+
+    @property
+    def size(self) -> int:
+        """Bytes held now (expired entries are dropped first)."""
+        self._expire()
+        return int(self._entries.currsize)
+
+    def stats(self) -> CacheStats:
+        self._expire()
+        return CacheStats(
+            hits=self.hits,
+            misses=self.misses,
+            coalesced=self.coalesced,
+            range_fetches=self.range_fetches,
+            bypassed=self.bypassed,
+            evictions=self.evictions,
+            entries=len(self._entries),
+            size=int(self._entries.currsize),
+            max_size=self.max_size,
+        )
+
+    def __contains__(self, chunk_id: object) -> bool:
+        return chunk_id in self._entries
+
+    def clear(self) -> None:
+        """Drop every cached chunk (counters are kept)."""
+        self._entries.clear()
+        self._recent_ranges.clear()
+
+    def _expire(self) -> None:
+        if isinstance(self._entries, TTLCache):
+            self._entries.expire()
+
+    # -- ChunkStorage: writes pass through --------------------------------------------
+    async def write_chunk(
+        self, header: ChunkHeader, payload: bytes | bytearray | memoryview, blob_key: str
+    ) -> WrittenChunk:
+        return await self.inner.write_chunk(header, payload, blob_key)
+
+    async def write_manifest(
+        self, manifest: Manifest, blob_key: str, chunk_id: str
+    ) -> WrittenChunk:
+        return await self.inner.write_manifest(manifest, blob_key, chunk_id)
+
+    async def undo(self, placed: Sequence[tuple[Location, int | None]]) -> None:
+        await self.inner.undo(placed)
+
+    async def delete_blob(self, backend: str, blob_key: str) -> bool:
+        return await self.inner.delete_blob(backend, blob_key)
+
+    # -- ChunkStorage: reads ----------------------------------------------------------
+    async def read(
+        self, chunk: Chunk, locations: Sequence[Location], start: int, end: int
+    ) -> bytes | bytearray:
+        """Bytes ``[start, end)`` of ``chunk``: from the cache, or fetched (and kept).
+
+        Raises what the layer below raises (``DataCorrupted``, ``BackendsUnavailable``,
+        ``ValueError`` for a range outside the chunk); nothing is cached then.
+        """
+        if start == end or chunk.size > self.max_object_size:
+            if start != end:
+                self.bypassed += 1
+            return await self.inner.read(chunk, locations, start, end)
+        if not 0 <= start <= end <= chunk.size:
+            raise ValueError(f"range [{start}, {end}) outside chunk of {chunk.size} bytes")
+        whole = start == 0 and end == chunk.size
+        cached = self._entries.get(chunk.chunk_id)
+        if cached is not None:
+            self.hits += 1
+            return cached if whole else cached[start:end]
+        self.misses += 1
+        chunk_id = chunk.chunk_id
+        if not whole and chunk_id not in self._flights and not self._worth_whole(chunk, start, end):
+            self._recent_ranges[chunk_id] = True
+            self.range_fetches += 1
+            return await self.inner.read(chunk, locations, start, end)
+        data, joined = await self._flights.run(chunk_id, lambda: self._fetch(chunk, locations))
+        if joined:
+            self.coalesced += 1
+        return data if whole else data[start:end]
+
+    def _worth_whole(self, chunk: Chunk, start: int, end: int) -> bool:
+        """Fetch the whole chunk for a range miss? (half of it or more, or a second piece)"""
+        return 2 * (end - start) >= chunk.size or chunk.chunk_id in self._recent_ranges
+
+    async def _fetch(self, chunk: Chunk, locations: Sequence[Location]) -> bytes:
+        data = await self.inner.read(chunk, locations, 0, chunk.size)
+        kept = data if isinstance(data, bytes) else bytes(data)
+        self._recent_ranges.pop(chunk.chunk_id, None)
+        self._entries[chunk.chunk_id] = kept
+        return kept
