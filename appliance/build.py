@@ -8,6 +8,8 @@ and credentials recorded in the store. ``Pool.close`` releases all of it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -18,11 +20,23 @@ from appliance.config import (
     BackendConfig,
     CairnConfig,
     DatabaseConfig,
+    EncryptionConfig,
+    KeySourceConfig,
     LocalBackendConfig,
     S3BackendConfig,
 )
+from appliance.crypto.keys import (
+    KeyRing,
+    KeySource,
+    LocalKey,
+    VaultTransitKey,
+    decode_key,
+    read_key_file,
+)
+from appliance.crypto.store import EncryptingChunkStore, EncryptionPolicy
 from appliance.data.chunkstore import ChunkStore
 from appliance.data.cpu import CpuPool
+from appliance.errors import KeyUnavailable
 from appliance.meta.errors import AlreadyExists
 from appliance.meta.models import BackendSpec, Credential, Permission
 from appliance.meta.postgres import PostgresMetadataStore
@@ -32,6 +46,7 @@ from appliance.placement.pool import PoolState
 from appliance.placement.router import BackendState, Placement, Router
 from appliance.placement.usage import Caps, UsageMeter
 from appliance.services.access import AccessService
+from appliance.services.keys import KeyService
 from appliance.services.multipart import MultipartService
 from appliance.services.objects import ObjectService
 from appliance.services.workers import GcWorker, Janitor
@@ -60,6 +75,47 @@ def make_store(database: DatabaseConfig, *, gc_delay: timedelta) -> MetadataStor
         )
     assert database.sqlite is not None
     return SqliteMetadataStore(database.sqlite.path, gc_delay=gc_delay)
+
+
+def make_key_source(spec: KeySourceConfig) -> KeySource:
+    """Build one master key source. Raises ``KeyUnavailable`` for an unreadable key file."""
+    if spec.inline is not None:
+        return LocalKey(decode_key(spec.inline.get_secret_value(), what="inline key"))
+    if spec.file is not None:
+        try:
+            return LocalKey(read_key_file(spec.file))
+        except (OSError, ValueError) as exc:
+            raise KeyUnavailable(f"cannot use master key file {spec.file}: {exc}") from exc
+    assert spec.vault is not None
+    vault = spec.vault
+    return VaultTransitKey(
+        vault.address,
+        vault.key_name,
+        mount=vault.mount,
+        token=vault.token.get_secret_value() if vault.token is not None else None,
+        token_file=vault.token_file,
+        namespace=vault.namespace,
+        timeout=vault.timeout,
+    )
+
+
+def make_key_ring(encryption: EncryptionConfig) -> KeyRing | None:
+    """The configured key ring (not opened), or None when no master key is set."""
+    if encryption.key is None:
+        return None
+    return KeyRing(
+        make_key_source(encryption.key),
+        [make_key_source(k) for k in encryption.previous_keys],
+    )
+
+
+def prefix_secret(pool_secret: str) -> bytes:
+    """The HMAC key of hidden blob prefixes, derived from the pool secret."""
+    try:
+        material = bytes.fromhex(pool_secret)
+    except ValueError:
+        material = pool_secret.encode()
+    return hmac.new(material, b"cairn blob prefix", hashlib.sha256).digest()
 
 
 def make_backend(spec: BackendConfig, record: Recorder | None = None) -> Backend:
@@ -99,12 +155,14 @@ class Pool:
     meter: UsageMeter
     backends: dict[str, Backend]
     state: PoolState
-    chunks: ChunkStore
+    chunks: EncryptingChunkStore
     objects: ObjectService
     multipart: MultipartService
     gc: GcWorker
     janitor: Janitor
     access: AccessService
+    keys: KeyService
+    keyring: KeyRing | None = None
     _closed: bool = field(default=False, repr=False)
 
     async def close(self) -> None:
@@ -114,6 +172,9 @@ class Pool:
         self._closed = True
         with contextlib.suppress(Exception):
             await self.meter.flush()
+        if self.keyring is not None:
+            with contextlib.suppress(Exception):
+                await self.keyring.close()
         await _release(self.store, self.cpu, self.backends.values())
 
 
@@ -125,9 +186,10 @@ async def _release(store: MetadataStore, cpu: CpuPool, backends: Iterable[Backen
     await store.close()
 
 
-async def _apply_config(store: MetadataStore, config: CairnConfig) -> None:
+async def _apply_config(store: MetadataStore, config: CairnConfig) -> str:
+    """Record backends, buckets and credentials; returns the pool secret."""
     await store.sync_backends([BackendSpec(b.name, b.quota_bytes) for b in config.backends])
-    await store.setdefault_setting(POOL_SECRET_SETTING, secrets.token_hex(32))
+    secret = await store.setdefault_setting(POOL_SECRET_SETTING, secrets.token_hex(32))
     for bucket in config.buckets:
         if await store.get_bucket(bucket.name) is None:
             with contextlib.suppress(AlreadyExists):  # another instance made it meanwhile
@@ -145,6 +207,7 @@ async def _apply_config(store: MetadataStore, config: CairnConfig) -> None:
                     grants=grants,
                 )
             )
+    return secret
 
 
 async def open_pool(
@@ -154,7 +217,8 @@ async def open_pool(
     services. ``wrap_backend`` lets tests put a fault-injecting wrapper around each
     backend (outside the retry wrapper).
 
-    Raises the store's errors (``SchemaTooNew``, ``StoreLocked``, ``StoreUnavailable``);
+    Raises the store's errors (``SchemaTooNew``, ``StoreLocked``, ``StoreUnavailable``)
+    and ``KeyUnavailable`` (a master key cannot be read or Vault cannot be used);
     nothing is left open when it raises.
     """
     store = make_store(config.database, gc_delay=timedelta(seconds=config.pool.gc_delay_seconds))
@@ -166,8 +230,12 @@ async def open_pool(
     cpu = CpuPool()
     meter = UsageMeter(store, caps)
     backends: dict[str, Backend] = {}
+    keyring: KeyRing | None = None
     try:
-        await _apply_config(store, config)
+        pool_secret = await _apply_config(store, config)
+        keyring = make_key_ring(config.encryption)
+        if keyring is not None:
+            await keyring.open()
         await meter.reload()
         for spec in config.backends:
             backend = make_backend(spec, meter.record)
@@ -180,7 +248,18 @@ async def open_pool(
             meter,
             states=states,
         )
-        chunks = ChunkStore(state, cpu, replicas=config.pool.replication_factor)
+        policy = EncryptionPolicy(
+            default=config.encryption.enabled,
+            buckets={b.name: b.encryption for b in config.buckets if b.encryption is not None},
+            prefix_secret=prefix_secret(pool_secret),
+        )
+        chunks = EncryptingChunkStore(
+            ChunkStore(state, cpu, replicas=config.pool.replication_factor),
+            keyring,
+            cpu,
+            policy,
+            key_cache_size=config.encryption.key_cache_size,
+        )
         objects = ObjectService(store, chunks, cpu, chunk_size=config.pool.chunk_size)
         return Pool(
             config=config,
@@ -195,7 +274,12 @@ async def open_pool(
             gc=GcWorker(store, chunks),
             janitor=Janitor(store),
             access=AccessService(store),
+            keys=KeyService(store, chunks, objects),
+            keyring=keyring,
         )
     except BaseException:
+        if keyring is not None:
+            with contextlib.suppress(Exception):
+                await keyring.close()
         await _release(store, cpu, backends.values())
         raise

@@ -72,3 +72,8 @@ class MetadataUnavailable(CairnError):
 
 class InvalidObjectName(CairnError):
     """The key is empty, too long or holds characters Cairn refuses."""
+
+
+class KeyUnavailable(CairnError):
+    """The master key that wraps a data key is not configured or cannot be reached
+    (Vault down, key missing from ``previous_keys``). No data is returned or written."""

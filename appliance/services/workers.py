@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
 from appliance.clock import utcnow
-from appliance.data.chunkstore import ChunkStore
+from appliance.data.chunkstore import ChunkStorage
 from appliance.meta.backoff import Backoff
 from appliance.meta.errors import Conflict, MetaError
 from appliance.meta.store import GC_QUEUE, MetadataStore
@@ -32,7 +32,7 @@ class GcWorker:
     """
 
     def __init__(
-        self, store: MetadataStore, chunks: ChunkStore, *, backoff: Backoff | None = None
+        self, store: MetadataStore, chunks: ChunkStorage, *, backoff: Backoff | None = None
     ) -> None:
         self._store = store
         self._chunks = chunks
