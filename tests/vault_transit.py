@@ -63,7 +63,9 @@ class VaultTransitServer:
         try:
             return AESGCM(versions[version - 1]).decrypt(raw[:12], raw[12:], None)
         except InvalidTag:
-            raise web.HTTPBadRequest(text='{"errors":["cipher: message authentication failed"]}')
+            raise web.HTTPBadRequest(
+                text='{"errors":["cipher: message authentication failed"]}'
+            ) from None
 
     def app(self) -> web.Application:
         async def handle(request: web.Request) -> web.Response:

@@ -131,6 +131,12 @@ class KeyService:
         )
         return progress
 
+    async def _fail(self, job: Job, started: JobProgress, exc: BaseException) -> None:
+        """Mark the job failed, keeping the progress its last batch saved."""
+        latest = await self.progress(job) or started
+        reason = str(exc) or type(exc).__name__
+        await self._save(replace(latest, state=JobState.FAILED, error=reason))
+
     async def status(self) -> KeyStatus:
         ring = self._chunks.keys
         counts = await self._store.count_chunks_by_key()
@@ -180,13 +186,10 @@ class KeyService:
                 progress = JobProgress(Job.ROTATE, JobState.RUNNING, target, total=total)
             progress = await self._save(progress)
             try:
-                progress = await self._rotate_batches(progress, on_progress)
+                return await self._rotate_batches(progress, on_progress)
             except BaseException as exc:
-                await asyncio.shield(
-                    self._save(replace(progress, state=JobState.FAILED, error=str(exc)))
-                )
+                await asyncio.shield(self._fail(Job.ROTATE, progress, exc))
                 raise
-            return progress
         finally:
             await lock.release()
 
@@ -281,13 +284,10 @@ class KeyService:
                 progress = JobProgress(job, JobState.RUNNING, target, total=total)
             progress = await self._save(progress)
             try:
-                progress = await self._convert_objects(job, buckets, progress, on_progress)
+                return await self._convert_objects(job, buckets, progress, on_progress)
             except BaseException as exc:
-                await asyncio.shield(
-                    self._save(replace(progress, state=JobState.FAILED, error=str(exc)))
-                )
+                await asyncio.shield(self._fail(job, progress, exc))
                 raise
-            return progress
         finally:
             await lock.release()
 
