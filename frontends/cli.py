@@ -9,6 +9,8 @@ Contracts:
 - ``cairn serve --config F [--mode all|api|worker] [--mount DIR]``: validates, refuses
   modes SQLite cannot support, then hands over to ``frontends.daemon.serve`` and exits
   with its return code (2 when the daemon is not available).
+- ``cairn admin keys status|rotate|encrypt-existing|decrypt-existing|generate``: see
+  ``frontends.cli_keys``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from appliance.config import (
     load_config,
     parse_config,
 )
+from frontends.cli_keys import keys as keys_group
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -339,6 +342,17 @@ def serve(ctx: click.Context, config_path: Path, mode: str, mount: Path | None) 
         ctx.exit(2)
     code = daemon.serve(config, mode=mode, mount=mount)
     ctx.exit(int(code))
+
+
+# --------------------------------------------------------------------------- admin
+
+
+@cli.group()
+def admin() -> None:
+    """Administration commands."""
+
+
+admin.add_command(keys_group)
 
 
 def main() -> None:

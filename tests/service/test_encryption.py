@@ -220,7 +220,7 @@ def _flip(path: Path, offset_from_end: int = 100) -> None:
 
 def _swap_segments(path: Path) -> None:
     data = path.read_bytes()
-    header, length = decode_chunk_header(data)
+    _header, length = decode_chunk_header(data)
     stride = SEGMENT + TAG
     payload = data[length:]
     seg = [payload[i : i + stride] for i in range(0, len(payload), stride)]

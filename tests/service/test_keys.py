@@ -3,6 +3,7 @@ stores, local-directory backends and a local Vault Transit server."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 from collections.abc import AsyncIterator
@@ -10,12 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from click.testing import CliRunner, Result
 
 from appliance.build import Pool, open_pool
 from appliance.config import parse_config
 from appliance.crypto.keys import KeySource
 from appliance.errors import KeyUnavailable
 from appliance.services.keys import Job, JobState
+from frontends.cli import cli
 from tests.vault_transit import VaultTransitServer, vault
 
 pytestmark = pytest.mark.service
@@ -282,3 +286,44 @@ async def test_vault_transit_keys(database: Any, tmp_path: Path, vault: VaultTra
         await pool.close()
     with pytest.raises(KeyUnavailable):
         await open_pool(cfg(database, tmp_path, key=key))  # Vault down at start: clear error
+
+
+async def test_cli_status_rotate_and_generate(database: Any, tmp_path: Path) -> None:
+    pool = await open_pool(cfg(database, tmp_path, key=KEYS[0]))
+    try:
+        written = await write_objects(pool, 2, size=10)
+    finally:
+        await pool.close()
+    raw = {
+        "database": database,
+        "pool": {"chunk_size": CHUNK},
+        "encryption": {"enabled": True, "key": KEYS[1], "previous_keys": [KEYS[0]]},
+        "backends": [{"name": f"d{i}", "type": "local", "path": f"d{i}"} for i in range(2)],
+        "buckets": [{"name": BUCKET}],
+    }
+    config_file = tmp_path / "cairn.yaml"
+    config_file.write_text(yaml.safe_dump(raw))
+    runner = CliRunner()
+
+    def run(*args: str) -> Result:
+        # the CLI runs its own event loop: call it from a worker thread
+        return runner.invoke(cli, [*args, "--config", str(config_file)], catch_exceptions=False)
+
+    result = await asyncio.to_thread(run, "admin", "keys", "status")
+    assert result.exit_code == 0, result.output
+    assert "chunks local:" in result.output and ": 2" in result.output
+    result = await asyncio.to_thread(run, "admin", "keys", "rotate")
+    assert result.exit_code == 0, result.output
+    assert "rotate: done, 2/2 (100%), 2 changed" in result.output
+    result = await asyncio.to_thread(run, "admin", "keys", "encrypt-existing")
+    assert result.exit_code == 0 and "encrypt: done, 2/2 (100%), 0 changed" in result.output
+    generated = runner.invoke(cli, ["admin", "keys", "generate"])
+    assert len(base64.b64decode(generated.output.strip())) == 32
+    pool = await open_pool(cfg(database, tmp_path, key=KEYS[1]))
+    try:
+        await check_all(pool, written)
+    finally:
+        await pool.close()
+    config_file.write_text("encryption: {enabled: true}\nbackends: []\n")
+    result = await asyncio.to_thread(run, "admin", "keys", "rotate")
+    assert result.exit_code == 1 and "encryption.key: required" in result.output
