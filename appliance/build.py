@@ -8,6 +8,8 @@ and credentials recorded in the store. ``Pool.close`` releases all of it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import logging
 import secrets
 from collections.abc import Callable, Iterable
@@ -20,13 +22,23 @@ from appliance.config import (
     CacheConfig,
     CairnConfig,
     DatabaseConfig,
+    EncryptionConfig,
+    KeySourceConfig,
     LocalBackendConfig,
     S3BackendConfig,
 )
-from appliance.data.chunkstore import ChunkStore
+from appliance.crypto.keys import (
+    KeyRing,
+    KeySource,
+    LocalKey,
+    VaultTransitKey,
+    decode_key,
+    read_key_file,
+)
+from appliance.crypto.store import EncryptingChunkStore, EncryptionPolicy
+from appliance.data.chunkstore import ChunkStorage, ChunkStore
 from appliance.data.cpu import CpuPool
-from appliance.data.storage import ChunkStorage
-from appliance.errors import BucketExists
+from appliance.errors import BucketExists, KeyUnavailable
 from appliance.meta.models import BackendSpec, Permission
 from appliance.meta.postgres import PostgresMetadataStore
 from appliance.meta.sqlite import SqliteMetadataStore
@@ -36,6 +48,7 @@ from appliance.placement.router import BackendState, Placement, Router
 from appliance.placement.usage import Caps, UsageMeter
 from appliance.services.access import AccessService
 from appliance.services.admin import AdminService
+from appliance.services.keys import KeyService
 from appliance.services.multipart import MultipartService
 from appliance.services.objects import ObjectService
 from appliance.services.sealing import SecretSealer
@@ -64,6 +77,47 @@ def make_store(database: DatabaseConfig, *, gc_delay: timedelta) -> MetadataStor
         )
     assert database.sqlite is not None
     return SqliteMetadataStore(database.sqlite.path, gc_delay=gc_delay)
+
+
+def make_key_source(spec: KeySourceConfig) -> KeySource:
+    """Build one master key source. Raises ``KeyUnavailable`` for an unreadable key file."""
+    if spec.inline is not None:
+        return LocalKey(decode_key(spec.inline.get_secret_value(), what="inline key"))
+    if spec.file is not None:
+        try:
+            return LocalKey(read_key_file(spec.file))
+        except (OSError, ValueError) as exc:
+            raise KeyUnavailable(f"cannot use master key file {spec.file}: {exc}") from exc
+    assert spec.vault is not None
+    vault = spec.vault
+    return VaultTransitKey(
+        vault.address,
+        vault.key_name,
+        mount=vault.mount,
+        token=vault.token.get_secret_value() if vault.token is not None else None,
+        token_file=vault.token_file,
+        namespace=vault.namespace,
+        timeout=vault.timeout,
+    )
+
+
+def make_key_ring(encryption: EncryptionConfig) -> KeyRing | None:
+    """The configured key ring (not opened), or None when no master key is set."""
+    if encryption.key is None:
+        return None
+    return KeyRing(
+        make_key_source(encryption.key),
+        [make_key_source(k) for k in encryption.previous_keys],
+    )
+
+
+def prefix_secret(pool_secret: str) -> bytes:
+    """The HMAC key of hidden blob prefixes, derived from the pool secret."""
+    try:
+        material = bytes.fromhex(pool_secret)
+    except ValueError:
+        material = pool_secret.encode()
+    return hmac.new(material, b"cairn blob prefix", hashlib.sha256).digest()
 
 
 def make_backend(spec: BackendConfig, record: Recorder | None = None) -> Backend:
@@ -111,10 +165,14 @@ class Pool:
     janitor: Janitor
     access: AccessService
     admin: AdminService
+    keys: KeyService
+    encrypting: EncryptingChunkStore
+    """The encrypting layer over the plain chunk store (below the memory cache)."""
     cache: CachingChunkStore | None = None
     """The memory cache (None when ``cache.max_size`` is 0)."""
     disk_cache: DiskCache | None = None
     """The disk cache under the backends (None unless ``cache.disk_dir`` is set)."""
+    keyring: KeyRing | None = None
     _closed: bool = field(default=False, repr=False)
 
     async def close(self) -> None:
@@ -125,6 +183,9 @@ class Pool:
         self._closed = True
         with contextlib.suppress(Exception):
             await self.meter.flush()
+        if self.keyring is not None:
+            with contextlib.suppress(Exception):
+                await self.keyring.close()
         await _release(self.store, self.cpu, self.backends.values(), self.disk_cache)
 
 
@@ -158,7 +219,7 @@ async def open_disk_cache(config: CacheConfig) -> DiskCache | None:
     return disk
 
 
-def wrap_chunks(chunks: ChunkStore, config: CacheConfig) -> ChunkStorage:
+def wrap_chunks(chunks: ChunkStorage, config: CacheConfig) -> ChunkStorage:
     """The chunk store as services see it: behind the memory cache unless it is off."""
     if config.max_size == 0:
         return chunks
@@ -202,7 +263,8 @@ async def open_pool(
     services. ``wrap_backend`` lets tests put a fault-injecting wrapper around each
     backend (outside the retry wrapper).
 
-    Raises the store's errors (``SchemaTooNew``, ``StoreLocked``, ``StoreUnavailable``);
+    Raises the store's errors (``SchemaTooNew``, ``StoreLocked``, ``StoreUnavailable``)
+    and ``KeyUnavailable`` (a master key cannot be read or Vault cannot be used);
     nothing is left open when it raises.
     """
     store = make_store(config.database, gc_delay=timedelta(seconds=config.pool.gc_delay_seconds))
@@ -215,10 +277,15 @@ async def open_pool(
     meter = UsageMeter(store, caps)
     backends: dict[str, Backend] = {}
     disk: DiskCache | None = None
+    keyring: KeyRing | None = None
     try:
-        sealer = SecretSealer(await _pool_secret(store))
+        pool_secret = await _pool_secret(store)
+        sealer = SecretSealer(pool_secret)
         access = AccessService(store, sealer)
         await _apply_config(store, AdminService(store, access, sealer), config)
+        keyring = make_key_ring(config.encryption)
+        if keyring is not None:
+            await keyring.open()
         await meter.reload()
         disk = await open_disk_cache(config.cache)
         for spec in config.backends:
@@ -236,9 +303,20 @@ async def open_pool(
             states=states,
         )
         admin = AdminService(store, access, sealer, state)
-        chunks = wrap_chunks(
-            ChunkStore(state, cpu, replicas=config.pool.replication_factor), config.cache
+        policy = EncryptionPolicy(
+            default=config.encryption.enabled,
+            buckets={b.name: b.encryption for b in config.buckets if b.encryption is not None},
+            prefix_secret=prefix_secret(pool_secret),
         )
+        encrypting = EncryptingChunkStore(
+            ChunkStore(state, cpu, replicas=config.pool.replication_factor),
+            keyring,
+            cpu,
+            policy,
+            key_cache_size=config.encryption.key_cache_size,
+        )
+        # the memory cache sits above decryption (it holds plaintext, keyed by chunk id)
+        chunks = wrap_chunks(encrypting, config.cache)
         objects = ObjectService(store, chunks, cpu, chunk_size=config.pool.chunk_size)
         return Pool(
             config=config,
@@ -256,7 +334,13 @@ async def open_pool(
             admin=admin,
             cache=chunks if isinstance(chunks, CachingChunkStore) else None,
             disk_cache=disk,
+            keys=KeyService(store, encrypting, objects),
+            encrypting=encrypting,
+            keyring=keyring,
         )
     except BaseException:
+        if keyring is not None:
+            with contextlib.suppress(Exception):
+                await keyring.close()
         await _release(store, cpu, backends.values(), disk)
         raise

@@ -15,6 +15,7 @@ Contracts:
 
 from __future__ import annotations
 
+import base64
 import difflib
 import os
 import re
@@ -51,12 +52,15 @@ __all__ = [
     "ConfigError",
     "CredentialConfig",
     "DatabaseConfig",
+    "EncryptionConfig",
+    "KeySourceConfig",
     "LocalBackendConfig",
     "PoolConfig",
     "PostgresConfig",
     "S3BackendConfig",
     "ServerConfig",
     "SqliteConfig",
+    "VaultTransitConfig",
     "format_size",
     "load_config",
     "parse_config",
@@ -632,6 +636,8 @@ class BucketConfig(BaseModel):
 
     name: str
     credentials: list[CredentialConfig] = []
+    encryption: bool | None = None
+    """Encrypt this bucket's new writes; None = the pool default (``encryption.enabled``)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -648,9 +654,126 @@ class BucketConfig(BaseModel):
         return value
 
 
+# --------------------------------------------------------------------------- encryption
+
+
+class VaultTransitConfig(BaseModel):
+    """A HashiCorp Vault Transit key that wraps data keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    address: str
+    key_name: str
+    mount: str = "transit"
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    namespace: str | None = None
+    timeout: float = Field(default=10, gt=0)
+
+    _check_strings = field_validator("key_name", "mount")(_non_empty)
+    _not_empty = field_validator("token_file", mode="before")(_path_not_empty)
+    _resolve = field_validator("token_file")(_resolve_path)
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_token(self) -> VaultTransitConfig:
+        if (self.token is None) == (self.token_file is None):
+            _raise_problems([((), "give exactly one of 'token' and 'token_file'")])
+        return self
+
+
+class KeySourceConfig(BaseModel):
+    """Where a master key comes from: exactly one of ``inline`` (base64 of 32 bytes),
+    ``file`` (32 raw bytes or their base64) and ``vault`` (Transit)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    inline: SecretStr | None = None
+    file: Path | None = None
+    vault: VaultTransitConfig | None = None
+
+    _not_empty = field_validator("file", mode="before")(_path_not_empty)
+    _resolve = field_validator("file")(_resolve_path)
+
+    @field_validator("inline")
+    @classmethod
+    def _check_inline(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            text = "".join(value.get_secret_value().split())
+            try:
+                raw = base64.b64decode(text, validate=True)
+            except ValueError:
+                raise ValueError("is not valid base64") from None
+            if len(raw) != 32:
+                raise ValueError(
+                    f"must be base64 of 32 bytes (e.g. `openssl rand -base64 32`), "
+                    f"got {len(raw)} bytes"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> KeySourceConfig:
+        given = [n for n in ("inline", "file", "vault") if getattr(self, n) is not None]
+        if len(given) != 1:
+            _raise_problems(
+                [
+                    (
+                        (),
+                        "give exactly one of 'inline', 'file' and 'vault'"
+                        + (f" (found {', '.join(given)})" if given else ""),
+                    )
+                ]
+            )
+        return self
+
+
+class EncryptionConfig(BaseModel):
+    """Envelope encryption: the pool default, the master key and retired keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    enabled: bool = False
+    """Encrypt new writes of buckets without their own ``encryption`` setting."""
+    key: KeySourceConfig | None = None
+    """The current master key: new data keys are wrapped by it."""
+    previous_keys: list[KeySourceConfig] = []
+    """Retired master keys, still used to unwrap data keys until rotation finished."""
+    key_cache_size: int = Field(default=4096, ge=1)
+    """Unwrapped data keys kept in memory (saves a Vault call per chunk read)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_lists(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and data.get("previous_keys", ()) is None:
+            data = {k: v for k, v in data.items() if k != "previous_keys"}
+        return data
+
+    @model_validator(mode="after")
+    def _key_when_enabled(self) -> EncryptionConfig:
+        if self.enabled and self.key is None:
+            _raise_problems([(("key",), "required when encryption is enabled")])
+        return self
+
+
 # --------------------------------------------------------------------------- root
 
-_SECTIONS = ("server", "database", "pool", "cache", "backends", "buckets", "credentials")
+_SECTIONS = (
+    "server",
+    "database",
+    "pool",
+    "cache",
+    "encryption",
+    "backends",
+    "buckets",
+    "credentials",
+)
 
 
 class CairnConfig(BaseModel):
@@ -662,6 +785,7 @@ class CairnConfig(BaseModel):
     database: DatabaseConfig = Field(default_factory=lambda: DatabaseConfig(sqlite=SqliteConfig()))
     pool: PoolConfig = PoolConfig()
     cache: CacheConfig = CacheConfig()
+    encryption: EncryptionConfig = EncryptionConfig()
     backends: list[BackendConfig]
     buckets: list[BucketConfig] = []
     credentials: list[AccessKeyConfig] = []
@@ -673,7 +797,15 @@ class CairnConfig(BaseModel):
         # An absent database section means SQLite with defaults (validated, so its
         # relative path is resolved like any other).
         if isinstance(data, Mapping):
-            optional = ("server", "database", "pool", "cache", "buckets", "credentials")
+            optional = (
+                "server",
+                "database",
+                "pool",
+                "cache",
+                "encryption",
+                "buckets",
+                "credentials",
+            )
             data = {k: v for k, v in data.items() if not (k in optional and v is None)}
             data.setdefault("database", {"sqlite": {}})
         return data
@@ -732,6 +864,17 @@ class CairnConfig(BaseModel):
                     )
                 )
         _raise_problems(problems)
+        return self
+
+    @model_validator(mode="after")
+    def _check_encryption_key(self) -> CairnConfig:
+        if self.encryption.key is None:
+            problems: list[tuple[_Loc, str]] = [
+                (("buckets", i, "encryption"), "needs a master key: set encryption.key")
+                for i, b in enumerate(self.buckets)
+                if b.encryption
+            ]
+            _raise_problems(problems)
         return self
 
     @model_validator(mode="after")

@@ -96,3 +96,8 @@ class AccessKeyExists(CairnError):
 
 class InvalidArgument(CairnError):
     """A parameter of an admin or S3 call is malformed or out of range."""
+
+
+class KeyUnavailable(CairnError):
+    """The master key that wraps a data key is not configured or cannot be reached
+    (Vault down, key missing from ``previous_keys``). No data is returned or written."""

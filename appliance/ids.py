@@ -44,3 +44,18 @@ def sortable_id_time_ms(value: str) -> int:
             raise ValueError(f"not a sortable id: {value!r}")
         ms = (ms << 5) | idx
     return ms
+
+
+def successor_id(value: str) -> str:
+    """The smallest sortable id greater than ``value`` (its last digit plus one, with
+    carry). A rewrite of a version takes this id, so any write that began after the
+    original one still sorts after the rewrite. ValueError if malformed or the largest."""
+    if len(value) != 26 or any(ch not in _CROCKFORD for ch in value):
+        raise ValueError(f"not a sortable id: {value!r}")
+    digits = [_CROCKFORD.index(ch) for ch in value]
+    for i in range(len(digits) - 1, -1, -1):
+        if digits[i] < 31:
+            digits[i] += 1
+            return "".join(_CROCKFORD[d] for d in digits)
+        digits[i] = 0
+    raise ValueError("the largest id has no successor")

@@ -9,6 +9,8 @@ Contracts:
 - ``cairn serve --config F [--mode all|api|worker] [--mount DIR]``: validates, refuses
   modes SQLite cannot support, then hands over to ``frontends.daemon.serve`` and exits
   with its return code (2 when the daemon is not available).
+- ``cairn admin keys status|rotate|encrypt-existing|decrypt-existing|generate``: see
+  ``frontends.cli_keys``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from appliance.config import (
     parse_config,
 )
 from frontends.admin.cli import admin
+from frontends.cli_keys import keys as keys_group
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -372,6 +375,7 @@ def serve(ctx: click.Context, config_path: Path, mode: str, mount: Path | None) 
     ctx.exit(int(code))
 
 
+admin.add_command(keys_group)
 cli.add_command(admin)
 
 

@@ -150,15 +150,23 @@ class CachingChunkStore:
             self._entries.expire()
 
     # -- ChunkStorage: writes pass through --------------------------------------------
+    def blob_prefix(self, bucket: str, key: str) -> str:
+        return self.inner.blob_prefix(bucket, key)
+
     async def write_chunk(
-        self, header: ChunkHeader, payload: bytes | bytearray | memoryview, blob_key: str
+        self,
+        header: ChunkHeader,
+        payload: bytes | bytearray | memoryview,
+        blob_key: str,
+        *,
+        bucket: str | None = None,
     ) -> WrittenChunk:
-        return await self.inner.write_chunk(header, payload, blob_key)
+        return await self.inner.write_chunk(header, payload, blob_key, bucket=bucket)
 
     async def write_manifest(
-        self, manifest: Manifest, blob_key: str, chunk_id: str
+        self, manifest: Manifest, blob_key: str, chunk_id: str, *, bucket: str | None = None
     ) -> WrittenChunk:
-        return await self.inner.write_manifest(manifest, blob_key, chunk_id)
+        return await self.inner.write_manifest(manifest, blob_key, chunk_id, bucket=bucket)
 
     async def undo(self, placed: Sequence[tuple[Location, int | None]]) -> None:
         await self.inner.undo(placed)

@@ -11,10 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
-from appliance.data.blobformat import ChunkHeader, Manifest, encode_chunk_header, encode_manifest
+from appliance.data.blobformat import (
+    ChunkHeader,
+    Manifest,
+    encode_chunk_header,
+    encode_manifest,
+    object_prefix,
+)
 from appliance.data.cpu import CpuPool
 from appliance.errors import BackendsUnavailable, DataCorrupted, NoCapacity
 from appliance.meta.models import Chunk, Location, NewChunk
@@ -23,6 +30,7 @@ from backends.base import BlobStream, ByteRange
 from backends.errors import BackendError
 
 log = logging.getLogger("cairn.chunks")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +39,34 @@ class WrittenChunk:
 
     chunk: NewChunk
     locations: tuple[tuple[Location, int | None], ...]
+
+
+class ChunkStorage(Protocol):
+    """What services use to store chunks: ``ChunkStore`` and the wrappers around it
+    (encryption, cache) all have this interface."""
+
+    def blob_prefix(self, bucket: str, key: str) -> str: ...
+
+    async def write_chunk(
+        self,
+        header: ChunkHeader,
+        payload: bytes | bytearray | memoryview,
+        blob_key: str,
+        *,
+        bucket: str | None = None,
+    ) -> WrittenChunk: ...
+
+    async def write_manifest(
+        self, manifest: Manifest, blob_key: str, chunk_id: str, *, bucket: str | None = None
+    ) -> WrittenChunk: ...
+
+    async def undo(self, placed: Sequence[tuple[Location, int | None]]) -> None: ...
+
+    async def delete_blob(self, backend: str, blob_key: str) -> bool: ...
+
+    async def read(
+        self, chunk: Chunk, locations: Sequence[Location], start: int, end: int
+    ) -> bytes | bytearray: ...
 
 
 class ChunkStore:
@@ -43,17 +79,32 @@ class ChunkStore:
         self._cpu = cpu
         self._replicas = replicas
 
+    @property
+    def replicas(self) -> int:
+        """Replicas written per chunk."""
+        return self._replicas
+
+    def blob_prefix(self, bucket: str, key: str) -> str:
+        """The blob prefix of an object (``blobformat.object_prefix``, names in clear)."""
+        return object_prefix(bucket, key)
+
     async def write_chunk(
-        self, header: ChunkHeader, payload: bytes | bytearray | memoryview, blob_key: str
+        self,
+        header: ChunkHeader,
+        payload: bytes | bytearray | memoryview,
+        blob_key: str,
+        *,
+        bucket: str | None = None,
     ) -> WrittenChunk:
         """Store one chunk (header + payload) as ``blob_key`` on ``replicas`` backends.
 
-        Raises ``NoCapacity`` when no backend has room or cap left, and
-        ``BackendsUnavailable`` when the candidates with room all failed. Nothing is
-        left reserved or written when it raises.
+        ``bucket`` names the bucket the chunk is written for (wrappers use it for
+        per-bucket policies; this class ignores it). Raises ``NoCapacity`` when no
+        backend has room or cap left, and ``BackendsUnavailable`` when the candidates
+        with room all failed. Nothing is left reserved or written when it raises.
         """
         blob = encode_chunk_header(header) + payload
-        locations = await self._place(blob, blob_key, header.version_id, header.chunk_id)
+        locations = await self.place(blob, blob_key, header.version_id, header.chunk_id)
         chunk = NewChunk(
             chunk_id=header.chunk_id,
             size=header.size,
@@ -65,17 +116,19 @@ class ChunkStore:
         return WrittenChunk(chunk, locations)
 
     async def write_manifest(
-        self, manifest: Manifest, blob_key: str, chunk_id: str
+        self, manifest: Manifest, blob_key: str, chunk_id: str, *, bucket: str | None = None
     ) -> WrittenChunk:
         """Store a version's manifest blob; it is recorded as a zero-length chunk."""
         blob = encode_manifest(manifest)
-        locations = await self._place(blob, blob_key, manifest.version_id, chunk_id)
+        locations = await self.place(blob, blob_key, manifest.version_id, chunk_id)
         chunk = NewChunk(chunk_id, 0, hashlib.sha256(blob).digest(), len(blob))
         return WrittenChunk(chunk, locations)
 
-    async def _place(
-        self, blob: bytes, blob_key: str, owner: str, chunk_id: str
+    async def place(
+        self, blob: bytes | bytearray, blob_key: str, owner: str, chunk_id: str
     ) -> tuple[tuple[Location, int | None], ...]:
+        """Write a finished blob on ``replicas`` backends, reserving quota for ``owner``
+        (a version id) first. Errors as ``write_chunk``; nothing is left on failure."""
         stored = len(blob)
         store = self._pool.store
         placed: list[tuple[Location, int | None]] = []
@@ -155,6 +208,33 @@ class ChunkStore:
             return b""
         header_len = chunk.stored_size - chunk.size
         whole = start == 0 and end == chunk.size
+
+        async def verify(data: bytes | bytearray, backend: str) -> bytes | bytearray:
+            if whole and await self._digest(data) != chunk.sha256:
+                log.error("chunk %s on %s failed verification", chunk.chunk_id, backend)
+                raise DataCorrupted("checksum mismatch")
+            return data
+
+        return await self.read_stored(
+            chunk, locations, header_len + start, header_len + end, verify
+        )
+
+    async def read_stored(
+        self,
+        chunk: Chunk,
+        locations: Sequence[Location],
+        start: int,
+        end: int,
+        check: Callable[[bytes | bytearray, str], Awaitable[T]],
+    ) -> T:
+        """Stored blob bytes ``[start, end)`` (header included in the offsets) of
+        ``chunk``, passed through ``check(data, backend)`` — one ranged GET per replica
+        tried, replicas in the Router's read order.
+
+        A replica whose bytes are short or for which ``check`` raises ``DataCorrupted``
+        is skipped. Raises ``DataCorrupted`` when every replica returned wrong bytes and
+        ``BackendsUnavailable`` when none could be read.
+        """
         view = await self._pool.view()
         by_backend = {loc.backend: loc for loc in locations}
         order = self._pool.router.read_order(view, list(by_backend), end - start)
@@ -164,7 +244,7 @@ class ChunkStore:
             location = by_backend[name]
             try:
                 stream = await self._pool.backend(name).get(
-                    location.blob_key, ByteRange(header_len + start, header_len + end)
+                    location.blob_key, ByteRange(start, end)
                 )
                 try:
                     data = await _collect(stream, end - start)
@@ -177,12 +257,12 @@ class ChunkStore:
                 corrupt += 1
                 problems.append(f"{name}: short read ({len(data)} of {end - start} bytes)")
                 continue
-            if whole and await self._digest(data) != chunk.sha256:
+            try:
+                return await check(data, name)
+            except DataCorrupted as exc:
                 corrupt += 1
-                problems.append(f"{name}: checksum mismatch")
-                log.error("chunk %s on %s failed verification", chunk.chunk_id, name)
+                problems.append(f"{name}: {exc}")
                 continue
-            return data
         detail = "; ".join(problems) or "no replica recorded"
         if corrupt and corrupt == len(problems):
             raise DataCorrupted(f"chunk {chunk.chunk_id}: {detail}")

@@ -254,8 +254,29 @@ class CommitResult:
 
 @dataclass(frozen=True, slots=True)
 class WritePrecondition:
-    """A conditional write: ``if_none_match`` (``*``: the key must not exist) or
-    ``if_match`` (the current object's ETag must be this)."""
+    """A conditional write: ``if_none_match`` (``*``: the key must not exist),
+    ``if_match`` (the current object's ETag must be this) or ``if_version_id`` (the
+    current version must be this one: background rewrites)."""
 
     if_none_match: bool = False
     if_match: str | None = None
+    if_version_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WrappedKey:
+    """A chunk's wrapped data key and the id of the master key that wrapped it."""
+
+    chunk_id: str
+    wrapped_dek: bytes
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyUpdate:
+    """Re-wrapped data key of a chunk; applied only while its key id is still ``old_key_id``."""
+
+    chunk_id: str
+    old_key_id: str
+    wrapped_dek: bytes
+    key_id: str

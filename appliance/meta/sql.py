@@ -37,6 +37,7 @@ from appliance.meta.models import (
     ChunkRef,
     CommitResult,
     Credential,
+    KeyUpdate,
     ListEntry,
     ListPage,
     Location,
@@ -52,6 +53,7 @@ from appliance.meta.models import (
     UsageDelta,
     VersionKind,
     VersionState,
+    WrappedKey,
     WritePrecondition,
 )
 from appliance.meta.store import GC_QUEUE, LeaderLock
@@ -625,6 +627,15 @@ class SqlMetadataStore(abc.ABC):
             )
             if row is None or row["etag"].strip('"') != precondition.if_match.strip('"'):
                 raise PreconditionFailed("the current object does not match If-Match")
+        if precondition is not None and precondition.if_version_id is not None:
+            row = await tx.fetchrow(
+                "SELECT version_id FROM objects WHERE bucket = $1 AND key = $2"
+                f"{self.dialect.for_update}",
+                bucket,
+                key,
+            )
+            if row is None or row["version_id"] != precondition.if_version_id:
+                raise PreconditionFailed("the object changed since the rewrite began")
         inserted = await tx.execute(
             "INSERT INTO objects (bucket, key, version_id, size, etag, modified_at) "
             "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (bucket, key) DO NOTHING",
@@ -1441,5 +1452,59 @@ class SqlMetadataStore(abc.ABC):
         return freed
 
     # -- locks -----------------------------------------------------------------------
+    async def count_objects(self, bucket: str) -> tuple[int, int]:
+        async def work(tx: Tx) -> tuple[int, int]:
+            row = await tx.fetchrow(
+                "SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS total FROM objects "
+                "WHERE bucket = $1",
+                bucket,
+            )
+            assert row is not None
+            return int(row["n"]), int(row["total"])
+
+        return await self._run(work)
+
+    # -- data keys (encryption) ------------------------------------------------------
+    async def list_wrapped_keys(
+        self, *, not_key_id: str, after: str = "", limit: int = 500
+    ) -> list[WrappedKey]:
+        async def work(tx: Tx) -> list[WrappedKey]:
+            rows = await tx.fetch(
+                "SELECT chunk_id, wrapped_dek, key_id FROM chunks "
+                "WHERE wrapped_dek IS NOT NULL AND key_id IS NOT NULL AND key_id <> $1 "
+                "AND refcount > 0 AND chunk_id > $2 ORDER BY chunk_id LIMIT $3",
+                not_key_id,
+                after,
+                limit,
+            )
+            return [WrappedKey(r["chunk_id"], bytes(r["wrapped_dek"]), r["key_id"]) for r in rows]
+
+        return await self._run(work)
+
+    async def set_wrapped_keys(self, updates: Sequence[KeyUpdate]) -> int:
+        async def work(tx: Tx) -> int:
+            changed = 0
+            for u in updates:
+                changed += await tx.execute(
+                    "UPDATE chunks SET wrapped_dek = $1, key_id = $2 "
+                    "WHERE chunk_id = $3 AND key_id = $4",
+                    u.wrapped_dek,
+                    u.key_id,
+                    u.chunk_id,
+                    u.old_key_id,
+                )
+            return changed
+
+        return await self._run(work)
+
+    async def count_chunks_by_key(self) -> dict[str | None, int]:
+        async def work(tx: Tx) -> dict[str | None, int]:
+            rows = await tx.fetch(
+                "SELECT key_id, COUNT(*) AS n FROM chunks WHERE refcount > 0 GROUP BY key_id"
+            )
+            return {r["key_id"]: int(r["n"]) for r in rows}
+
+        return await self._run(work)
+
     @abc.abstractmethod
     async def try_lock(self, name: str) -> LeaderLock | None: ...

@@ -30,6 +30,7 @@ from appliance.meta.models import (
     ChunkRef,
     CommitResult,
     Credential,
+    KeyUpdate,
     ListPage,
     Location,
     MultipartUpload,
@@ -41,6 +42,7 @@ from appliance.meta.models import (
     UsageCounters,
     UsageDelta,
     VersionKind,
+    WrappedKey,
     WritePrecondition,
 )
 
@@ -365,6 +367,29 @@ class MetadataStore(Protocol):
 
     async def abort_upload(self, upload_id: str) -> None:
         """Drop an upload and its parts; idempotent."""
+        ...
+
+    async def count_objects(self, bucket: str) -> tuple[int, int]:
+        """Current objects of ``bucket`` and their total size in bytes."""
+        ...
+
+    # -- data keys (encryption) ------------------------------------------------------
+    async def list_wrapped_keys(
+        self, *, not_key_id: str, after: str = "", limit: int = 500
+    ) -> list[WrappedKey]:
+        """Chunks with a wrapped data key under a key id other than ``not_key_id`` and a
+        chunk id greater than ``after``, in chunk id order (a resumable scan)."""
+        ...
+
+    async def set_wrapped_keys(self, updates: Sequence[KeyUpdate]) -> int:
+        """Replace wrapped data keys, each only if the chunk's key id is still its
+        ``old_key_id`` (so two rotations never undo each other); returns rows changed.
+        Idempotent."""
+        ...
+
+    async def count_chunks_by_key(self) -> dict[str | None, int]:
+        """Live chunks (refcount > 0) per master key id; ``None`` counts unencrypted
+        chunks."""
         ...
 
     # -- singleton workers -----------------------------------------------------------

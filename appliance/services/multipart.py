@@ -208,7 +208,7 @@ class MultipartService:
         prefix = self._objects.writer.prefix(upload.bucket, upload.key)
         chunks = self._objects.chunks
         written = await chunks.write_manifest(
-            manifest, manifest_blob_key(prefix, version_id), new_sortable_id()
+            manifest, manifest_blob_key(prefix, version_id), new_sortable_id(), bucket=upload.bucket
         )
         try:
             await self._store.complete_upload(

@@ -28,11 +28,9 @@ from appliance.data.blobformat import (
     ObjectIdentity,
     chunk_blob_key,
     manifest_blob_key,
-    object_prefix,
 )
-from appliance.data.chunkstore import WrittenChunk
+from appliance.data.chunkstore import ChunkStorage, WrittenChunk
 from appliance.data.cpu import CpuPool
-from appliance.data.storage import ChunkStorage
 from appliance.errors import (
     BadDigest,
     IncompleteBody,
@@ -42,9 +40,9 @@ from appliance.errors import (
     NoSuchKey,
     PreconditionFailed,
 )
-from appliance.ids import new_sortable_id
+from appliance.ids import new_sortable_id, successor_id
 from appliance.meta import errors as meta_errors
-from appliance.meta.errors import Conflict, NotFound, StoreUnavailable
+from appliance.meta.errors import AlreadyExists, Conflict, NotFound, StoreUnavailable
 from appliance.meta.models import (
     Bucket,
     ChunkPlacement,
@@ -119,26 +117,26 @@ class ChunkedWriter:
         *,
         chunk_size: int,
         write_ahead: int,
-        prefix_secret: bytes | None,
     ) -> None:
         self._store = store
         self._chunks = chunks
         self._cpu = cpu
         self._chunk_size = chunk_size
         self._write_ahead = max(1, write_ahead)
-        self._secret = prefix_secret
 
     def prefix(self, bucket: str, key: str) -> str:
-        return object_prefix(bucket, key, self._secret)
+        """The blob prefix of an object (hidden names for encrypted buckets)."""
+        return self._chunks.blob_prefix(bucket, key)
 
     async def write(
         self,
         version: ObjectVersion,
-        body: AsyncIterable[bytes],
+        body: AsyncIterable[bytes | bytearray],
         *,
         size: int | None,
         identity: bool,
         late_headers: Callable[[], Mapping[str, str]] | None = None,
+        etag: str | None = None,
     ) -> WriteResult:
         """Stream ``body`` into chunks of ``version`` (already begun, UPLOADING).
 
@@ -146,7 +144,8 @@ class ChunkedWriter:
         identity (and ``late_headers()``, known once the body is read, e.g. checksums).
         Raises ``IncompleteBody`` when the body length differs from ``size``,
         the chunk store's errors, and ``MetadataUnavailable``. The caller aborts the
-        version on any error.
+        version on any error. ``etag`` replaces the body's MD5 in chunk 0's identity
+        (rewrites keep a multipart ETag).
         """
         md5 = hashlib.md5()
         prefix = self.prefix(version.bucket, version.key)
@@ -215,20 +214,20 @@ class ChunkedWriter:
             pending.clear()
             if md5_chain is not None:
                 await md5_chain
-            etag = md5.hexdigest()
+            md5_hex = md5.hexdigest()
             if held is not None:
                 data, digest = held
                 ident = ObjectIdentity(
                     bucket=version.bucket,
                     key=version.key,
                     size=offset,
-                    etag=etag,
+                    etag=etag if etag is not None else md5_hex,
                     chunk_count=index,
                     headers={**version.headers, **(late_headers() if late_headers else {})},
                     user_metadata=version.user_metadata,
                 )
                 await self._write_one(version, prefix, 0, 0, data, digest, ident)
-            return WriteResult(version.version_id, offset, etag, md5.digest())
+            return WriteResult(version.version_id, offset, md5_hex, md5.digest())
         except BaseException:
             # Let chunk writes in flight finish and record themselves (at most
             # ``write_ahead``): a write cut off between its blob PUT and its metadata
@@ -261,7 +260,7 @@ class ChunkedWriter:
             identity=identity,
         )
         written = await self._chunks.write_chunk(
-            header, data, chunk_blob_key(prefix, version.version_id, index)
+            header, data, chunk_blob_key(prefix, version.version_id, index), bucket=version.bucket
         )
         await self.record(version.version_id, ChunkRef(index, offset, len(data), chunk_id), written)
 
@@ -291,7 +290,6 @@ class ObjectService:
         chunk_size: int,
         write_ahead: int = 3,
         read_ahead: int = 4,
-        prefix_secret: bytes | None = None,
     ) -> None:
         self._store = store
         self.chunks = chunks
@@ -302,7 +300,6 @@ class ObjectService:
             cpu,
             chunk_size=chunk_size,
             write_ahead=write_ahead,
-            prefix_secret=prefix_secret,
         )
 
     # -- buckets ---------------------------------------------------------------------
@@ -467,7 +464,10 @@ class ObjectService:
             )
             prefix = self.writer.prefix(bucket, key)
             written = await self.chunks.write_manifest(
-                manifest, manifest_blob_key(prefix, version.version_id), new_sortable_id()
+                manifest,
+                manifest_blob_key(prefix, version.version_id),
+                new_sortable_id(),
+                bucket=bucket,
             )
             await self.writer.record(
                 version.version_id,
@@ -480,6 +480,48 @@ class ObjectService:
             raise
         committed = await self._store.get_version(version.version_id)
         return committed if committed is not None else version
+
+    async def rewrite_object(self, handle: ObjectHandle) -> bool:
+        """Write an opened current version's bytes again as a new version with the same
+        headers, user metadata and ETag, through the chunk store's current policy
+        (encryption conversion). The new version id is the successor of the old one, so
+        a client write that began later still wins. Streams; never holds the object.
+
+        Returns False (and changes nothing) when the key changed meanwhile. Raises
+        ``NoCapacity``, ``BackendsUnavailable``, ``DataCorrupted``, ``KeyUnavailable``,
+        ``MetadataUnavailable``.
+        """
+        src = handle.version
+        try:
+            version = await self._store.begin_version(
+                successor_id(src.version_id),
+                src.bucket,
+                src.key,
+                kind=VersionKind.OBJECT,
+                headers=src.headers,
+                user_metadata=src.user_metadata,
+            )
+        except AlreadyExists:
+            return False
+        except NotFound as exc:
+            raise NoSuchBucket(src.bucket) from exc
+        try:
+            await self.writer.write(
+                version, self.read(handle), size=src.size, identity=True, etag=src.etag
+            )
+            await self._store.commit_version(
+                version.version_id,
+                size=src.size,
+                etag=src.etag,
+                precondition=WritePrecondition(if_version_id=src.version_id),
+            )
+        except meta_errors.PreconditionFailed:
+            await self.abort(version.version_id)
+            return False
+        except BaseException:
+            await self.abort(version.version_id)
+            raise
+        return True
 
     async def delete_objects(self, bucket: str, keys: Sequence[str]) -> None:
         """Remove up to 1,000 keys in one metadata transaction (all or nothing)."""

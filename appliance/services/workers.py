@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
 from appliance.clock import utcnow
-from appliance.data.storage import ChunkStorage
+from appliance.data.chunkstore import ChunkStorage
 from appliance.meta.backoff import Backoff
 from appliance.meta.errors import Conflict, MetaError
 from appliance.meta.store import GC_QUEUE, MetadataStore

@@ -58,10 +58,34 @@ class AdminClient:
         return json.loads(raw) if raw else None
 
 
+@dataclass(frozen=True)
+class _Target:
+    """Where the admin API is, resolved only when a command calls it (so commands of the
+    group that work on the core directly, like ``keys``, need no reachable API)."""
+
+    url: str | None
+    token: str | None
+    config_path: Path
+
+
 def _client(ctx: click.Context) -> AdminClient:
-    found = ctx.find_object(AdminClient)
-    assert found is not None
-    return found
+    target = ctx.find_object(_Target)
+    assert target is not None
+    url, token = target.url, target.token
+    if url is None or token is None:
+        try:
+            server = load_config(target.config_path).server
+        except (ConfigError, OSError) as exc:
+            if url is None:
+                raise click.UsageError(
+                    f"give --url and --token, or a readable --config ({exc})"
+                ) from exc
+        else:
+            url = url or f"http://{server.admin_host}:{server.admin_port}"
+            if token is None and server.admin_token is not None:
+                token = server.admin_token.get_secret_value()
+    assert url is not None
+    return AdminClient(url, token)
 
 
 def _print(ctx: click.Context, value: Any, rows: list[str]) -> None:
@@ -112,20 +136,7 @@ def admin(
 ) -> None:
     """Manage buckets and access keys of a running Cairn (over its admin API)."""
     ctx.meta["cairn.json"] = as_json
-    if url is None or token is None:
-        try:
-            server = load_config(config_path).server
-        except (ConfigError, OSError) as exc:
-            if url is None:
-                raise click.UsageError(
-                    f"give --url and --token, or a readable --config ({exc})"
-                ) from exc
-        else:
-            url = url or f"http://{server.admin_host}:{server.admin_port}"
-            if token is None and server.admin_token is not None:
-                token = server.admin_token.get_secret_value()
-    assert url is not None
-    ctx.obj = AdminClient(url, token)
+    ctx.obj = _Target(url, token, config_path)
 
 
 # -- buckets -------------------------------------------------------------------------

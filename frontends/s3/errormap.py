@@ -29,6 +29,7 @@ _TABLE: dict[type[BaseException], tuple[str, str | None]] = {
     domain.BackendsUnavailable: ("ServiceUnavailable", None),
     domain.DataCorrupted: ("InternalError", None),
     domain.MetadataUnavailable: ("ServiceUnavailable", None),
+    domain.KeyUnavailable: ("ServiceUnavailable", None),
     domain.InvalidObjectName: ("KeyTooLongError", None),
     domain.InvalidBucketName: ("InvalidBucketName", None),
     domain.BucketExists: ("BucketAlreadyExists", None),

@@ -25,6 +25,7 @@ under pytest's temporary directory; set ``CAIRN_E2E_TMP`` to choose another plac
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ipaddress
 import json
@@ -78,6 +79,9 @@ ADMIN_SECRET_KEY = "admin-secret-0001"
 ADMIN_TOKEN = "e2e-admin-token-0000000001"
 REGION = "us-east-1"
 CHUNK_SIZE = MiB
+SECRET_BUCKET = "cairn-secret-e2e-bucket"
+"""With encryption on: a bucket whose distinctive name must never reach a backend."""
+E2E_MASTER_KEY = base64.b64encode(bytes(range(32))).decode()
 DEFAULT_QUOTAS = (96 * MiB, 128 * MiB, 160 * MiB)
 TEMP_MARK = ".cairn-tmp\\"
 """Local backends write blobs to temporary files with this prefix, then rename them."""
@@ -109,10 +113,13 @@ class DaemonSpec:
     db: str = "sqlite"
     placement: str = "pack"
     quotas: tuple[int, ...] = DEFAULT_QUOTAS
+    encryption: str | None = None
+    """None, ``"inline"`` or ``"file"``: the pool encrypts with a master key from there."""
 
     @property
     def name(self) -> str:
-        return f"{self.db}-{self.placement}"
+        suffix = f"-enc-{self.encryption}" if self.encryption else ""
+        return f"{self.db}-{self.placement}{suffix}"
 
 
 MATRIX = [
@@ -551,6 +558,19 @@ def write_config(
             }
         ],
     }
+    if spec.encryption is not None:
+        if spec.encryption == "file":
+            (daemon_root / "master.key").write_bytes(base64.b64decode(E2E_MASTER_KEY))
+            key: dict[str, Any] = {"file": "master.key"}
+        else:
+            key = {"inline": E2E_MASTER_KEY}
+        config["encryption"] = {"enabled": True, "key": key}
+        config["buckets"].append(  # type: ignore[attr-defined]
+            {
+                "name": SECRET_BUCKET,
+                "credentials": [{"access_key": "E2ESECRETKEY0001", "secret_key": SECRET_KEY}],
+            }
+        )
     path = daemon_root / "cairn.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -1,24 +1,35 @@
-"""Blob format v1: the committed sample decodes, headers round-trip, damage is detected."""
+"""Blob formats 1 and 2: the committed samples decode, headers round-trip, damage is detected."""
 
 from __future__ import annotations
 
 import hashlib
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
 
 from appliance.data.blobformat import (
     FIXED_SIZE,
+    FLAG_ENCRYPTED,
+    FORMAT_VERSION_SEALED,
     BlobFormatError,
     ChunkHeader,
     Manifest,
     ManifestEntry,
     ObjectIdentity,
+    SealedManifest,
     chunk_blob_key,
     decode_chunk_header,
     decode_manifest,
+    decode_manifest_body,
+    decode_sealed_manifest,
+    decode_sealed_part,
     encode_chunk_header,
     encode_manifest,
+    encode_manifest_body,
+    encode_sealed_manifest,
+    encode_sealed_part,
     header_size,
     manifest_blob_key,
     object_prefix,
@@ -65,13 +76,61 @@ def test_prefixes_are_stable_and_hide_names_with_a_secret() -> None:
 
 
 def test_encrypted_header_round_trip_and_requirements() -> None:
+    identity = ObjectIdentity("secret-bucket", "secret/key", 10, "e", 1)
     header = ChunkHeader(
-        "c", "v", 3, 10, b"\x01" * 32, encrypted=True, wrapped_dek=b"\x02" * 60, key_id="k1"
+        "c",
+        "v",
+        3,
+        10,
+        b"\x01" * 32,
+        identity=identity,
+        encrypted=True,
+        wrapped_dek=b"\x02" * 60,
+        key_id="k1",
+        sealed=b"\x03" * 40,
     )
-    decoded, _ = decode_chunk_header(encode_chunk_header(header))
-    assert decoded == header
+    encoded = encode_chunk_header(header)
+    assert encoded[4] == FORMAT_VERSION_SEALED and encoded[5] == FLAG_ENCRYPTED
+    # neither the identity nor the SHA-256 is written in clear: they are in ``sealed``
+    assert b"secret" not in encoded and (b"\x01" * 32).hex().encode() not in encoded
+    decoded, _ = decode_chunk_header(encoded)
+    assert decoded == ChunkHeader(
+        "c",
+        "v",
+        3,
+        10,
+        b"",
+        encrypted=True,
+        wrapped_dek=b"\x02" * 60,
+        key_id="k1",
+        sealed=b"\x03" * 40,
+    )
     with pytest.raises(BlobFormatError, match="wrapped DEK"):
         encode_chunk_header(ChunkHeader("c", "v", 0, 1, b"", encrypted=True))
+    assert decode_sealed_part(encode_sealed_part(b"\x01" * 32, identity)) == (
+        b"\x01" * 32,
+        identity,
+    )
+
+
+def test_version_and_flag_must_agree() -> None:
+    blob = bytearray(SAMPLE.read_bytes())
+    blob[5] = FLAG_ENCRYPTED  # a version-1 blob claiming to be encrypted, CRC fixed up
+    total = header_size(bytes(blob[:FIXED_SIZE]))
+    blob[total - 4 : total] = struct.pack(">I", zlib.crc32(bytes(blob[: total - 4])))
+    with pytest.raises(BlobFormatError, match="invalid"):
+        decode_chunk_header(bytes(blob))
+
+
+def test_sealed_manifest_round_trip() -> None:
+    identity = ObjectIdentity("b", "k", 1, "e", 1)
+    manifest = Manifest("V", identity, (ManifestEntry(0, 1, "c", 0, "x/y", 1, b"\x00" * 32),))
+    sealed = SealedManifest("V", b"w" * 60, "local:abc", b"s" * 50)
+    blob = encode_sealed_manifest(sealed)
+    assert decode_sealed_manifest(blob) == sealed
+    with pytest.raises(BlobFormatError, match="sealed"):
+        decode_manifest(blob)
+    assert decode_manifest_body(encode_manifest_body(manifest)) == manifest
 
 
 def test_manifest_round_trip() -> None:

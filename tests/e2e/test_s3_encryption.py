@@ -1,0 +1,100 @@
+"""Encryption through the S3 daemon: inline and file master keys, and what the backends
+hold afterwards (no bucket name, key, metadata or plaintext in any blob key or body)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from boto3.s3.transfer import TransferConfig
+
+from tests.e2e.conftest import SECRET_BUCKET, SECRET_KEY, DaemonFactory, DaemonSpec
+
+pytestmark = pytest.mark.e2e
+MiB = 1024 * 1024
+SPECS = [
+    DaemonSpec("sqlite", encryption="inline"),
+    DaemonSpec("sqlite", encryption="file"),
+    DaemonSpec("postgres", "spread", encryption="inline"),
+]
+
+
+def windows(data: bytes, width: int = 24, count: int = 60) -> list[bytes]:
+    step = max(1, (len(data) - width) // count)
+    return [data[i : i + width] for i in range(0, len(data) - width + 1, step)]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
+def test_encrypted_pool_serves_s3_and_leaks_nothing(
+    daemon_factory: DaemonFactory, spec: DaemonSpec
+) -> None:
+    daemon = daemon_factory(spec)
+    s3 = daemon.client(access_key="E2ESECRETKEY0001", secret_key=SECRET_KEY)
+    text = b"Cairn e2e plaintext: the treasure lies under the old oak tree. " * 60_000
+    small = b"small distinctive e2e payload 0123456789"
+    s3.put_object(
+        Bucket=SECRET_BUCKET,
+        Key="private/treasure-map.txt",
+        Body=text,
+        Metadata={"owner": "distinctive-owner-name"},
+        ContentType="application/x-distinctive-type",
+    )
+    s3.put_object(Bucket=SECRET_BUCKET, Key="private/small-note.txt", Body=small)
+    big = text + text[::-1]
+    s3.upload_fileobj(
+        io.BytesIO(big),
+        SECRET_BUCKET,
+        "uploads/multipart-secret.bin",
+        Config=TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB),
+    )
+    s3.copy_object(
+        Bucket=SECRET_BUCKET,
+        Key="copies/copied-secret.txt",
+        CopySource={"Bucket": SECRET_BUCKET, "Key": "private/treasure-map.txt"},
+    )
+
+    got = s3.get_object(Bucket=SECRET_BUCKET, Key="private/treasure-map.txt")
+    assert got["Body"].read() == text
+    assert got["Metadata"] == {"owner": "distinctive-owner-name"}
+    assert got["ContentType"] == "application/x-distinctive-type"
+    ranged = s3.get_object(
+        Bucket=SECRET_BUCKET, Key="private/treasure-map.txt", Range="bytes=1000000-2100000"
+    )
+    assert ranged["Body"].read() == text[1_000_000:2_100_001]
+    assert s3.get_object(Bucket=SECRET_BUCKET, Key="private/small-note.txt")["Body"].read() == small
+    multipart = s3.get_object(Bucket=SECRET_BUCKET, Key="uploads/multipart-secret.bin")
+    assert multipart["Body"].read() == big
+    copied = s3.get_object(Bucket=SECRET_BUCKET, Key="copies/copied-secret.txt")
+    assert copied["Body"].read() == text
+    listed = s3.list_objects_v2(Bucket=SECRET_BUCKET)
+    assert sorted(o["Key"] for o in listed["Contents"]) == [
+        "copies/copied-secret.txt",
+        "private/small-note.txt",
+        "private/treasure-map.txt",
+        "uploads/multipart-secret.bin",
+    ]
+
+    needles = [
+        SECRET_BUCKET.encode(),
+        b"treasure-map",
+        b"small-note",
+        b"multipart-secret",
+        b"copied-secret",
+        b"private/",
+        b"distinctive-owner-name",
+        b"x-distinctive-type",
+        *windows(text),
+        *windows(big[len(text) :]),
+        *windows(small, width=16, count=10),
+    ]
+    files = 0
+    for name, blobs in daemon.blob_files().items():
+        for key in blobs:
+            path = Path(daemon.backends[name]) / key
+            data = path.read_bytes()
+            files += 1
+            for needle in needles:
+                assert needle not in key.encode(), (key, needle)
+                assert needle not in data, (name, key, needle[:30])
+    assert files >= 8
