@@ -134,12 +134,13 @@ class Pool:
         if self.cache is not None:
             mem = self.cache.stats()
             log.info(
-                "memory cache: %d hits, %d misses (%d shared a fetch, %d fetched a range), "
-                "%d bypassed, %d evictions, %d chunks / %d bytes held",
+                "memory cache: %d hits, %d misses (%d shared a fetch, %d fetched a range, "
+                "%d large chunks passed), %d bypassed, %d evictions, %d chunks / %d bytes held",
                 mem.hits,
                 mem.misses,
                 mem.coalesced,
                 mem.range_fetches,
+                mem.passed,
                 mem.bypassed,
                 mem.evictions,
                 mem.entries,
