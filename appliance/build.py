@@ -181,12 +181,44 @@ class Pool:
         if self._closed:
             return
         self._closed = True
+        self.log_cache_stats()
         with contextlib.suppress(Exception):
             await self.meter.flush()
         if self.keyring is not None:
             with contextlib.suppress(Exception):
                 await self.keyring.close()
         await _release(self.store, self.cpu, self.backends.values(), self.disk_cache)
+
+    def log_cache_stats(self) -> None:
+        """Log the caches' counters (at INFO), e.g. when the daemon stops."""
+        if self.cache is not None:
+            mem = self.cache.stats()
+            log.info(
+                "memory cache: %d hits, %d misses (%d shared a fetch, %d fetched a range, "
+                "%d large chunks passed), %d bypassed, %d evictions, %d chunks / %d bytes held",
+                mem.hits,
+                mem.misses,
+                mem.coalesced,
+                mem.range_fetches,
+                mem.passed,
+                mem.bypassed,
+                mem.evictions,
+                mem.entries,
+                mem.size,
+            )
+        if self.disk_cache is not None:
+            disk = self.disk_cache.stats()
+            log.info(
+                "disk cache: %d hits, %d misses, %d stored, %d evictions, %d damaged, "
+                "%d entries / %d bytes",
+                disk.hits,
+                disk.misses,
+                disk.stored,
+                disk.evictions,
+                disk.corrupt,
+                disk.entries,
+                disk.size,
+            )
 
 
 async def _release(

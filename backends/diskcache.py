@@ -204,8 +204,13 @@ def _read_range(path: Path, entry: _Entry, start: int, end: int) -> bytes:
         os.close(fd)
 
 
-def _write_entry(root: Path, entry: _Entry, pieces: Sequence[bytes]) -> None:
-    """Write an entry to a temporary file and rename it into place."""
+def _write_entry(
+    root: Path, entry: _Entry, pieces: Sequence[bytes], doomed: Sequence[Path] = ()
+) -> None:
+    """Delete evicted files (``doomed``), then write an entry to a temporary file and
+    rename it into place (not fsynced: a torn entry fails its checks and is dropped)."""
+    for path in doomed:
+        path.unlink(missing_ok=True)
     crcs: list[int] = []
     crc, filled = 0, 0
     for piece in pieces:
@@ -223,7 +228,6 @@ def _write_entry(root: Path, entry: _Entry, pieces: Sequence[bytes]) -> None:
     header = _header(entry, crcs)
     tmp = root / TEMP_DIR / f"{entry.name}.{secrets.token_hex(4)}"
     final = root / entry.name[:2] / entry.name
-    final.parent.mkdir(exist_ok=True)
     with open(tmp, "wb") as out:
         out.write(header)
         for piece in pieces:
@@ -311,7 +315,8 @@ class DiskCache:
 
     def _lock(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / TEMP_DIR).mkdir(exist_ok=True)
+        for shard in [TEMP_DIR, *(f"{i:02x}" for i in range(256))]:
+            (self.root / shard).mkdir(exist_ok=True)
         fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -462,8 +467,7 @@ class DiskCache:
             doomed = self._make_room(entry.file_size)
             self._size += entry.file_size  # reserved while it is written
             try:
-                await asyncio.to_thread(self._unlink, doomed)
-                await asyncio.to_thread(_write_entry, self.root, entry, pieces)
+                await asyncio.to_thread(_write_entry, self.root, entry, pieces, doomed)
             except BaseException as exc:
                 self._size -= entry.file_size
                 if isinstance(exc, OSError):

@@ -78,11 +78,20 @@ def process(args: list[str], ready_url: str) -> Iterator[subprocess.Popen[bytes]
 
 
 @contextlib.contextmanager
-def cairn(tmp: Path, backend: dict[str, object]) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def cairn(
+    tmp: Path,
+    backend: dict[str, object],
+    *,
+    sections: dict[str, object] | None = None,
+    db: Path | None = None,
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A Cairn daemon over one backend; ``sections`` adds config sections (e.g. cache),
+    ``db`` keeps the SQLite file at a given path (to restart on the same data)."""
     port = free_port()
     config = {
+        **(sections or {}),
         "server": {"host": "127.0.0.1", "port": port, "admin_port": free_port()},
-        "database": {"sqlite": {"path": str(tmp / f"cairn-{port}.db")}},
+        "database": {"sqlite": {"path": str(db or tmp / f"cairn-{port}.db")}},
         "backends": [backend],
         "buckets": [
             {"name": BUCKET, "credentials": [{"access_key": ACCESS, "secret_key": SECRET}]}

@@ -13,12 +13,17 @@ Contracts:
   ``max_object_size`` is never kept (its reads go straight through). With ``ttl`` > 0 an
   entry is dropped ``ttl`` seconds after it was stored.
 - Only whole chunks, as returned (and verified) by the layer below, are kept. Concurrent
-  misses for one chunk share one fetch (``SingleFlight``); a failed fetch is not
+  misses of a whole chunk share one fetch (``SingleFlight``); a failed fetch is not
   remembered, so the next read tries again.
+- Admission: a chunk of at most ``admit_at_once`` bytes (default: 1/64 of ``max_size``,
+  at least 1 MiB) is kept when first read whole. A larger chunk is kept only when it is
+  read again while its id is still remembered as recently read: a one-off stream of a
+  large object passes through without pushing everything else out (with an LRU, a scan
+  larger than the cache would evict all and hit nothing).
 - A range read of a cached chunk is sliced from it. A range miss fetches only the range
-  unless the range is at least half the chunk or the chunk was range-read recently (a
-  second piece of one chunk means the client reads it piecewise, e.g. FUSE), in which
-  case the whole chunk is fetched and kept. See docs/cache.md.
+  unless the range is at least half of a chunk that may be kept at once, or the chunk
+  was read recently (a second piece of one chunk means the client reads it piecewise,
+  e.g. FUSE), in which case the whole chunk is fetched and kept. See docs/cache.md.
 - Returned buffers are immutable (``bytes``) whenever they come from the cache.
 """
 
@@ -36,8 +41,9 @@ from appliance.data.chunkstore import WrittenChunk
 from appliance.data.storage import ChunkStorage
 from appliance.meta.models import Chunk, Location
 
-RECENT_RANGE_READS = 4096
-"""How many chunk ids the range-read memory holds (ids only, a few hundred KiB)."""
+RECENT_READS = 4096
+"""How many chunk ids the memory of recent reads not kept holds (ids only, ~0.5 MiB)."""
+MIN_ADMIT_AT_ONCE = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +58,8 @@ class CacheStats:
     """Misses that waited for a fetch another read had started (no backend call of their own)."""
     range_fetches: int
     """Misses that fetched only the requested range (the chunk was not kept)."""
+    passed: int
+    """Misses of a whole large chunk read for the first time (fetched, not kept)."""
     bypassed: int
     """Reads of chunks larger than ``max_object_size`` (never cached)."""
     evictions: int
@@ -90,6 +98,7 @@ class CachingChunkStore:
         max_size: int,
         max_object_size: int,
         ttl: float = 0.0,
+        admit_at_once: int | None = None,
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_size <= 0:
@@ -99,17 +108,21 @@ class CachingChunkStore:
         self.inner = inner
         self.max_size = max_size
         self.max_object_size = min(max_object_size, max_size)
+        self.admit_at_once = (
+            max(MIN_ADMIT_AT_ONCE, max_size // 64) if admit_at_once is None else admit_at_once
+        )
         self._entries: _CountingLRU | _CountingTTL
         if ttl > 0:
             self._entries = _CountingTTL(max_size, ttl, timer=timer, getsizeof=len)
         else:
             self._entries = _CountingLRU(max_size, getsizeof=len)
-        self._recent_ranges: Cache[str, bool] = LRUCache(RECENT_RANGE_READS)
+        self._recent: Cache[str, bool] = LRUCache(RECENT_READS)
         self._flights: SingleFlight[str, bytes] = SingleFlight()
         self.hits = 0
         self.misses = 0
         self.coalesced = 0
         self.range_fetches = 0
+        self.passed = 0
         self.bypassed = 0
 
     # -- counters -------------------------------------------------------------------
@@ -130,6 +143,7 @@ class CachingChunkStore:
             misses=self.misses,
             coalesced=self.coalesced,
             range_fetches=self.range_fetches,
+            passed=self.passed,
             bypassed=self.bypassed,
             evictions=self.evictions,
             entries=len(self._entries),
@@ -143,7 +157,7 @@ class CachingChunkStore:
     def clear(self) -> None:
         """Drop every cached chunk (counters are kept)."""
         self._entries.clear()
-        self._recent_ranges.clear()
+        self._recent.clear()
 
     def _expire(self) -> None:
         if isinstance(self._entries, TTLCache):
@@ -196,22 +210,28 @@ class CachingChunkStore:
             return cached if whole else cached[start:end]
         self.misses += 1
         chunk_id = chunk.chunk_id
-        if not whole and chunk_id not in self._flights and not self._worth_whole(chunk, start, end):
-            self._recent_ranges[chunk_id] = True
+        seen = chunk_id in self._recent or chunk_id in self._flights
+        at_once = chunk.size <= self.admit_at_once
+        if not whole and not seen and not (at_once and 2 * (end - start) >= chunk.size):
+            self._recent[chunk_id] = True
             self.range_fetches += 1
             return await self.inner.read(chunk, locations, start, end)
-        data, joined = await self._flights.run(chunk_id, lambda: self._fetch(chunk, locations))
+        keep = at_once or seen
+        data, joined = await self._flights.run(
+            chunk_id, lambda: self._fetch(chunk, locations, keep=keep)
+        )
         if joined:
             self.coalesced += 1
         return data if whole else data[start:end]
 
-    def _worth_whole(self, chunk: Chunk, start: int, end: int) -> bool:
-        """Fetch the whole chunk for a range miss? (half of it or more, or a second piece)"""
-        return 2 * (end - start) >= chunk.size or chunk.chunk_id in self._recent_ranges
-
-    async def _fetch(self, chunk: Chunk, locations: Sequence[Location]) -> bytes:
+    async def _fetch(self, chunk: Chunk, locations: Sequence[Location], *, keep: bool) -> bytes:
+        """The whole chunk from below; kept when ``keep``, else remembered as read."""
         data = await self.inner.read(chunk, locations, 0, chunk.size)
         kept = data if isinstance(data, bytes) else bytes(data)
-        self._recent_ranges.pop(chunk.chunk_id, None)
-        self._entries[chunk.chunk_id] = kept
+        if keep:
+            self._recent.pop(chunk.chunk_id, None)
+            self._entries[chunk.chunk_id] = kept
+        else:
+            self._recent[chunk.chunk_id] = True
+            self.passed += 1
         return kept

@@ -13,6 +13,7 @@ import hashlib
 import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -95,7 +96,7 @@ class Clock:
 
 
 def cache_over(
-    source: ChunkSource, max_size: int = 1024 * KiB, max_object_size: int = 256 * KiB, **kw: float
+    source: ChunkSource, max_size: int = 1024 * KiB, max_object_size: int = 256 * KiB, **kw: Any
 ) -> CachingChunkStore:
     return CachingChunkStore(source, max_size=max_size, max_object_size=max_object_size, **kw)
 
@@ -275,6 +276,44 @@ async def test_range_policy_half_a_chunk_or_more_fetches_it_whole() -> None:
     assert await cache.read(chunk, [], 10 * KiB, 60 * KiB) == source.data["c"][10 * KiB : 60 * KiB]
     assert source.reads == [("c", 0, 100 * KiB)]
     assert "c" in cache
+
+
+async def test_a_large_chunk_is_kept_only_when_read_again() -> None:
+    source = ChunkSource()
+    chunk = source.add("big", os.urandom(100 * KiB))
+    cache = cache_over(source, admit_at_once=64 * KiB)
+    assert await cache.read(chunk, [], 0, chunk.size) == source.data["big"]
+    assert "big" not in cache and cache.passed == 1  # a one-off stream passes through
+    assert await cache.read(chunk, [], 0, chunk.size) == source.data["big"]
+    assert "big" in cache  # read again while remembered: kept
+    assert await cache.read(chunk, [], 0, chunk.size) == source.data["big"]
+    assert len(source.reads) == 2 and cache.hits == 1
+    # first touch by a large range: only the range is fetched, even at half or more
+    other = source.add("big2", os.urandom(100 * KiB))
+    assert await cache.read(other, [], 0, 80 * KiB) == source.data["big2"][: 80 * KiB]
+    assert source.reads[-1] == ("big2", 0, 80 * KiB) and "big2" not in cache
+    assert (
+        await cache.read(other, [], 80 * KiB, 90 * KiB) == source.data["big2"][80 * KiB : 90 * KiB]
+    )
+    assert source.reads[-1] == ("big2", 0, 100 * KiB) and "big2" in cache
+
+
+async def test_concurrent_first_reads_of_a_large_chunk_share_one_fetch() -> None:
+    source = ChunkSource()
+    chunk = source.add("big", os.urandom(100 * KiB))
+    cache = cache_over(source, admit_at_once=64 * KiB)
+    source.gate = asyncio.Event()
+    readers = [asyncio.ensure_future(cache.read(chunk, [], 0, chunk.size)) for _ in range(10)]
+    await asyncio.sleep(0.01)
+    source.gate.set()
+    assert all(r == source.data["big"] for r in await asyncio.gather(*readers))
+    assert len(source.reads) == 1 and cache.coalesced == 9
+
+
+def test_admission_threshold_default() -> None:
+    source = ChunkSource()
+    assert cache_over(source, max_size=256 * 1024 * KiB).admit_at_once == 4 * 1024 * KiB
+    assert cache_over(source, max_size=8 * 1024 * KiB).admit_at_once == 1024 * KiB
 
 
 @settings(
