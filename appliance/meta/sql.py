@@ -1360,9 +1360,13 @@ class SqlMetadataStore(abc.ABC):
         etag: str,
         manifest: tuple[NewChunk, Sequence[tuple[Location, int | None]]] | None = None,
         precondition: WritePrecondition | None = None,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> CommitResult:
         async def work(tx: Tx) -> CommitResult:
             upload = await self._locked_upload(tx, upload_id)
+            headers = upload["headers"]
+            if extra_headers:
+                headers = _dumps({**_loads(headers), **extra_headers})
             stored = {
                 r["part_number"]: r
                 for r in await tx.fetch("SELECT * FROM parts WHERE upload_id = $1", upload_id)
@@ -1402,7 +1406,7 @@ class SqlMetadataStore(abc.ABC):
                 VersionState.COMPLETE.value,
                 offset,
                 etag,
-                upload["headers"],
+                headers,
                 upload["user_metadata"],
                 upload["created_at"],
                 now,

@@ -354,11 +354,12 @@ class MetadataStore(Protocol):
         etag: str,
         manifest: tuple[NewChunk, Sequence[tuple[Location, int | None]]] | None = None,
         precondition: WritePrecondition | None = None,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> CommitResult:
         """Assemble the listed (part number, etag) pairs into a new current version by
         reference only: no bytes move. Unlisted parts are dropped. ``manifest`` is the
         version's manifest blob, recorded as a zero-length last ref (its reservations
-        become usage).
+        become usage). ``extra_headers`` are stored with the upload's headers.
 
         Raises ``NotFound`` (upload) or ``InvalidPart`` naming the first part that is
         missing or whose etag differs.

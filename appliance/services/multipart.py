@@ -21,15 +21,23 @@ from appliance.errors import (
     EntityTooSmall,
     InvalidPart,
     InvalidPartOrder,
+    InvalidRange,
     NoSuchBucket,
+    NoSuchKey,
     NoSuchUpload,
     PreconditionFailed,
 )
 from appliance.ids import new_sortable_id
 from appliance.meta import errors as meta_errors
-from appliance.meta.models import MultipartUpload, Part, VersionKind, WritePrecondition
+from appliance.meta.models import (
+    ChunkRef,
+    MultipartUpload,
+    Part,
+    VersionKind,
+    WritePrecondition,
+)
 from appliance.meta.store import MetadataStore
-from appliance.services.objects import ObjectService, WriteResult, check_key
+from appliance.services.objects import ObjectHandle, ObjectService, WriteResult, check_key
 
 MIN_PART_SIZE = 5 * 1024 * 1024
 MAX_PART_NUMBER = 10_000
@@ -43,6 +51,50 @@ class CompletedUpload:
     etag: str
     """``<hex md5 of the parts' md5s>-<part count>``, unquoted."""
     size: int
+
+
+PART_SIZES_HEADER = "x-cairn-part-sizes"
+"""Stored header of a multipart object: its parts' sizes, for GetObject ``partNumber``.
+Headers named ``x-cairn-*`` are Cairn's own and never sent to clients."""
+
+
+def encode_part_sizes(sizes: Sequence[int]) -> str:
+    return ",".join(str(size) for size in sizes)
+
+
+def part_range(headers: Mapping[str, str], size: int, number: int) -> tuple[int, int, int]:
+    """(start, end, parts count) of part ``number`` of an object with these stored headers.
+
+    An object stored in one piece has one part, the whole object. Raises ``InvalidRange``
+    when the object has no such part."""
+    raw = headers.get(PART_SIZES_HEADER)
+    sizes = [int(s) for s in raw.split(",")] if raw else [size]
+    if not 1 <= number <= len(sizes):
+        raise InvalidRange(f"the object has {len(sizes)} parts, not {number}")
+    start = sum(sizes[: number - 1])
+    return start, start + sizes[number - 1], len(sizes)
+
+
+def slice_layout(source: ObjectHandle, start: int, end: int) -> list[ChunkRef]:
+    """Refs for bytes ``[start, end)`` of an opened object, offsets relative to ``start``:
+    whole chunks where possible, a sub-range (``chunk_offset``, ``length``) where the
+    range cuts a chunk. Zero-length refs (manifests) are left out."""
+    refs: list[ChunkRef] = []
+    for placement in source.layout:
+        ref = placement.ref
+        first, last = max(start, ref.offset), min(end, ref.offset + ref.length)
+        if ref.length == 0 or first >= last:
+            continue
+        refs.append(
+            ChunkRef(
+                len(refs),
+                first - start,
+                last - first,
+                ref.chunk_id,
+                ref.chunk_offset + (first - ref.offset),
+            )
+        )
+    return refs
 
 
 class MultipartService:
@@ -128,6 +180,43 @@ class MultipartService:
             raise
         return result
 
+    async def upload_part_copy(
+        self, upload: MultipartUpload, part_number: int, source: ObjectHandle, start: int, end: int
+    ) -> WriteResult:
+        """Make part ``part_number`` the bytes ``[start, end)`` of an opened object, by
+        reference: the part names the source's chunks (sub-ranges where the range cuts
+        one), no byte is read or written.
+
+        The part's ETag is an MD5 of the source version and range, not of the bytes
+        (computing that would mean reading them); like any part ETag it is only given
+        back at completion. Raises ``NoSuchUpload``, ``NoSuchKey`` (the source was
+        deleted and collected meanwhile) and ``InvalidPart`` (bad part number).
+        """
+        if not 1 <= part_number <= MAX_PART_NUMBER:
+            raise InvalidPart(f"part number must be between 1 and {MAX_PART_NUMBER}")
+        if not 0 <= start <= end <= source.version.size:
+            raise InvalidRange(f"[{start}, {end}) outside {source.version.size} bytes")
+        version = await self._objects.begin(upload.bucket, upload.key, kind=VersionKind.PART)
+        try:
+            refs = slice_layout(source, start, end)
+            if refs:
+                try:
+                    await self._store.add_refs(version.version_id, refs)
+                except meta_errors.Conflict as exc:
+                    raise NoSuchKey(source.version.key) from exc
+            token = f"{source.version.version_id}:{source.version.etag}:{start}-{end}"
+            etag = hashlib.md5(token.encode(), usedforsecurity=False).hexdigest()
+            await self._store.put_part(
+                upload.upload_id, part_number, version.version_id, size=end - start, etag=etag
+            )
+        except meta_errors.NotFound as exc:
+            await self._objects.abort(version.version_id)
+            raise NoSuchUpload(upload.upload_id) from exc
+        except BaseException:
+            await self._objects.abort(version.version_id)
+            raise
+        return WriteResult(version.version_id, end - start, etag)
+
     async def list_parts(
         self, upload: MultipartUpload, *, marker: int = 0, limit: int = 1000
     ) -> list[Part]:
@@ -164,6 +253,7 @@ class MultipartService:
         layouts = await self._store.get_upload_layout(upload.upload_id)
         md5s = b""
         entries: list[ManifestEntry] = []
+        sizes: list[int] = []
         offset = 0
         for position, (number, etag) in enumerate(parts):
             part = stored.get(number)
@@ -190,6 +280,7 @@ class MultipartService:
                     )
                 )
             offset += part.size
+            sizes.append(part.size)
         etag = f"{hashlib.md5(md5s).hexdigest()}-{len(parts)}"
         version_id = new_sortable_id()
         manifest = Manifest(
@@ -218,6 +309,7 @@ class MultipartService:
                 etag=etag,
                 manifest=(written.chunk, written.locations),
                 precondition=precondition,
+                extra_headers={PART_SIZES_HEADER: encode_part_sizes(sizes)},
             )
         except BaseException as exc:
             await chunks.undo(written.locations)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import re
 import secrets
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -31,7 +32,12 @@ from appliance.errors import BucketExists, InvalidRange
 from appliance.meta.models import Credential, ObjectVersion, Permission, WritePrecondition
 from appliance.services.access import AccessService
 from appliance.services.admin import AdminService
-from appliance.services.multipart import MAX_PART_NUMBER, MultipartService
+from appliance.services.multipart import (
+    MAX_PART_NUMBER,
+    PART_SIZES_HEADER,
+    MultipartService,
+    part_range,
+)
 from appliance.services.objects import ObjectService, check_key
 from frontends.s3 import xml as s3xml
 from frontends.s3.chunked import RequestBody, strip_aws_chunked
@@ -164,6 +170,27 @@ def _untoken(token: str) -> str:
         return base64.urlsafe_b64decode(token.encode("ascii")).decode("utf-8")
     except (ValueError, binascii.Error, UnicodeError) as exc:
         raise S3Error("InvalidArgument", "The continuation token provided is incorrect") from exc
+
+
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_COPY_RANGE = re.compile(r"bytes=(\d{1,19})-(\d{1,19})")
+
+INTERNAL_HEADER_PREFIX = "x-cairn-"
+"""Stored headers of Cairn's own (part sizes...): never sent to clients."""
+
+
+def _part_number_param(req: _Request) -> int | None:
+    raw = req.query.get("partNumber")
+    if raw is None:
+        return None
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PART_NUMBER:
+        raise S3Error(
+            "InvalidArgument",
+            f"Part number must be an integer between 1 and {MAX_PART_NUMBER}, inclusive",
+            ArgumentName="partNumber",
+            ArgumentValue=raw[:100],
+        )
+    return int(raw)
 
 
 def _stored_headers(request: web.Request) -> tuple[dict[str, str], dict[str, str]]:
@@ -551,7 +578,8 @@ class S3Frontend:
             self._require(req, Permission.WRITE)
             if "x-amz-copy-source" in req.http.headers:
                 if "uploadId" in query or "partNumber" in query:
-                    raise S3Error("NotImplemented", "UploadPartCopy arrives in a later version.")
+                    _refuse_unsupported_writes(req.http, conditional=False, object_level=False)
+                    return await self._upload_part_copy(req)
                 _refuse_unsupported_writes(req.http, conditional=True, object_level=True)
                 return await self._copy_object(req)
             if "uploadId" in query or "partNumber" in query:
@@ -664,20 +692,7 @@ class S3Frontend:
     async def _copy_object(self, req: _Request) -> web.Response:
         """CopyObject by reference (no bytes move), with the metadata directive and the
         copy-source conditions."""
-        raw = req.http.headers["x-amz-copy-source"]
-        path, _, version_query = unquote(raw).lstrip("/").partition("?")
-        src_bucket, _, src_key = path.partition("/")
-        if not src_bucket or not src_key:
-            raise S3Error(
-                "InvalidArgument",
-                "Copy Source must mention the source bucket and key: sourcebucket/sourcekey",
-            )
-        if version_query:
-            raise S3Error(
-                "NotImplemented", "Cairn keeps no object versions: copy without versionId."
-            )
-        if not self._access.allows(req.credential, src_bucket, Permission.READ):
-            raise S3Error("AccessDenied", "Access Denied")
+        src_bucket, src_key = self._copy_source(req)
         directive = req.http.headers.get("x-amz-metadata-directive", "COPY").upper()
         if directive not in ("COPY", "REPLACE"):
             raise S3Error("InvalidArgument", "Unknown metadata directive.")
@@ -715,6 +730,69 @@ class S3Frontend:
             source, req.bucket, req.key, headers=headers, user_metadata=meta
         )
         body = s3xml.render_copy_object_result(copy.etag, copy.created_at)
+        return web.Response(body=body, content_type="application/xml")
+
+    def _copy_source(self, req: _Request) -> tuple[str, str]:
+        """(bucket, key) of ``x-amz-copy-source``, which the key may read.
+
+        Raises ``InvalidArgument`` (malformed or not UTF-8 percent-encoding, no key),
+        ``NotImplemented`` (a versionId) or ``AccessDenied``."""
+        raw = req.http.headers["x-amz-copy-source"]
+        raw_path, _, version_query = raw.partition("?")
+        if _BAD_PERCENT.search(raw_path):
+            raise S3Error("InvalidArgument", "Invalid copy source encoding.")
+        try:
+            path = unquote(raw_path, errors="strict").lstrip("/")
+        except UnicodeDecodeError as exc:
+            raise S3Error("InvalidArgument", "Invalid copy source encoding.") from exc
+        src_bucket, _, src_key = path.partition("/")
+        if not src_bucket or not src_key:
+            raise S3Error(
+                "InvalidArgument",
+                "Copy Source must mention the source bucket and key: sourcebucket/sourcekey",
+            )
+        if version_query:
+            raise S3Error(
+                "NotImplemented", "Cairn keeps no object versions: copy without versionId."
+            )
+        check_key(src_key)
+        if not self._access.allows(req.credential, src_bucket, Permission.READ):
+            raise S3Error("AccessDenied", "Access Denied")
+        return src_bucket, src_key
+
+    async def _upload_part_copy(self, req: _Request) -> web.Response:
+        """UploadPartCopy by reference, with ``x-amz-copy-source-range`` and the
+        copy-source conditions."""
+        part_number = _part_number_param(req)
+        if part_number is None:
+            raise S3Error("InvalidArgument", "UploadPartCopy needs partNumber")
+        upload = await self._multipart.get(req.query.get("uploadId", ""), req.bucket, req.key)
+        src_bucket, src_key = self._copy_source(req)
+        source = await self._objects.open_object(src_bucket, src_key)
+        _check_conditions(
+            req.http, source.version, prefix="x-amz-copy-source-", not_modified="PreconditionFailed"
+        )
+        size = source.version.size
+        start, end = 0, size
+        wanted = req.http.headers.get("x-amz-copy-source-range")
+        if wanted is not None:
+            match = _COPY_RANGE.fullmatch(wanted.strip())
+            if match is None:
+                raise S3Error(
+                    "InvalidArgument",
+                    "The x-amz-copy-source-range value must be of the form bytes=first-last "
+                    "where first and last are the zero-based offsets of the first and last "
+                    "bytes to copy",
+                )
+            start, last = int(match[1]), int(match[2])
+            if last < start or last >= size:
+                raise S3Error(
+                    "InvalidArgument",
+                    f"Range specified is not valid for source object of size: {size}",
+                )
+            end = last + 1
+        result = await self._multipart.upload_part_copy(upload, part_number, source, start, end)
+        body = s3xml.render_copy_part_result(result.etag, self._clock())
         return web.Response(body=body, content_type="application/xml")
 
     async def _upload_part(self, req: _Request) -> web.Response:
@@ -774,15 +852,27 @@ class S3Frontend:
         return web.Response(body=s3xml.render_list_parts(page), content_type="application/xml")
 
     async def _get_object(self, req: _Request, *, head: bool) -> web.StreamResponse:
-        if "partNumber" in req.query:
-            raise S3Error("NotImplemented", "GetObject with partNumber arrives in a later version.")
+        part_number = _part_number_param(req)
+        range_header = req.http.headers.get("Range")
+        if part_number is not None and range_header:
+            raise S3Error(
+                "InvalidRequest", "Cannot specify both Range header and partNumber query parameter"
+            )
         handle = await self._objects.open_object(req.bucket, req.key)
         version = handle.version
         _check_conditions(req.http, version)
         headers = self._object_headers(req, version)
         start, end, status = 0, version.size, 200
-        range_header = req.http.headers.get("Range")
-        if range_header:
+        if part_number is not None:
+            try:
+                start, end, count = part_range(version.headers, version.size, part_number)
+            except InvalidRange as exc:
+                raise S3Error("InvalidPartNumber") from exc
+            headers["x-amz-mp-parts-count"] = str(count)
+            if PART_SIZES_HEADER in version.headers:
+                status = 206
+                headers["Content-Range"] = f"bytes {start}-{max(end - 1, start)}/{version.size}"
+        elif range_header:
             try:
                 chosen = _parse_range(range_header, version.size)
             except InvalidRange as exc:
@@ -836,6 +926,8 @@ class S3Frontend:
         }
         checksum_mode = req.http.headers.get("x-amz-checksum-mode", "").upper() == "ENABLED"
         for name, value in version.headers.items():
+            if name.startswith(INTERNAL_HEADER_PREFIX):
+                continue
             if name == TAGGING_HEADER:
                 headers[TAG_COUNT_HEADER] = str(len(decode_tags(value)))
                 continue
