@@ -48,6 +48,7 @@ from appliance.placement.router import BackendState, Placement, Router
 from appliance.placement.usage import Caps, UsageMeter
 from appliance.services.access import AccessService
 from appliance.services.admin import AdminService
+from appliance.services.bucketconfig import BucketConfigService
 from appliance.services.keys import KeyService
 from appliance.services.multipart import MultipartService
 from appliance.services.objects import ObjectService
@@ -165,6 +166,7 @@ class Pool:
     janitor: Janitor
     access: AccessService
     admin: AdminService
+    bucket_config: BucketConfigService
     keys: KeyService
     encrypting: EncryptingChunkStore
     """The encrypting layer over the plain chunk store (below the memory cache)."""
@@ -334,7 +336,8 @@ async def open_pool(
             meter,
             states=states,
         )
-        admin = AdminService(store, access, sealer, state)
+        bucket_config = BucketConfigService(store)
+        admin = AdminService(store, access, sealer, state, bucket_config)
         policy = EncryptionPolicy(
             default=config.encryption.enabled,
             buckets={b.name: b.encryption for b in config.buckets if b.encryption is not None},
@@ -364,6 +367,7 @@ async def open_pool(
             janitor=Janitor(store),
             access=access,
             admin=admin,
+            bucket_config=bucket_config,
             cache=chunks if isinstance(chunks, CachingChunkStore) else None,
             disk_cache=disk,
             keys=KeyService(store, encrypting, objects),

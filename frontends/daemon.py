@@ -93,6 +93,7 @@ def build_app(pool: Pool) -> web.Application:
         pool.multipart,
         pool.access,
         pool.admin,
+        pool.bucket_config,
         pool.cpu,
         region=pool.config.server.region,
     ).install(app)

@@ -32,6 +32,7 @@ from appliance.names import BUCKET_NAME_RULE, is_valid_bucket_name
 from appliance.placement.pool import PoolState
 from appliance.placement.router import BackendView
 from appliance.services.access import WILDCARD, AccessService
+from appliance.services.bucketconfig import BucketConfigService
 from appliance.services.sealing import SealBroken, SecretSealer
 
 ACCESS_KEY_ALPHABET = string.ascii_uppercase + string.digits
@@ -79,11 +80,13 @@ class AdminService:
         access: AccessService,
         sealer: SecretSealer,
         pool: PoolState | None = None,
+        bucket_config: BucketConfigService | None = None,
     ) -> None:
         self._store = store
         self._access = access
         self._sealer = sealer
         self._pool = pool
+        self._bucket_config = bucket_config
 
     # -- backends --------------------------------------------------------------------
     async def backends(self) -> list[BackendView]:
@@ -125,6 +128,8 @@ class AdminService:
         except meta_errors.NotFound as exc:
             raise NoSuchBucket(name) from exc
         self._access.forget()
+        if self._bucket_config is not None:
+            await self._bucket_config.forget_bucket(name)
 
     async def _info(self, bucket: Bucket) -> BucketInfo:
         count, size = await self._store.bucket_usage(bucket.name)

@@ -39,6 +39,7 @@ ERRORS: Mapping[str, ErrorSpec] = MappingProxyType(
         "AuthorizationQueryParametersError": ErrorSpec(
             400, "Error parsing the query-string authentication parameters."
         ),
+        "BadRequest": ErrorSpec(400, "Bad Request"),
         "BadDigest": ErrorSpec(
             400, "The Content-MD5 or checksum you specified did not match what we received."
         ),
@@ -131,6 +132,7 @@ ERRORS: Mapping[str, ErrorSpec] = MappingProxyType(
         ),
         "NoSuchBucketPolicy": ErrorSpec(404, "The bucket policy does not exist."),
         "NoSuchCORSConfiguration": ErrorSpec(404, "The CORS configuration does not exist."),
+        "CORSResponse": ErrorSpec(403, "This CORS request is not allowed."),
         "NoSuchLifecycleConfiguration": ErrorSpec(
             404, "The lifecycle configuration does not exist."
         ),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import logging
 import re
 import secrets
@@ -32,6 +33,7 @@ from appliance.errors import BucketExists, InvalidRange
 from appliance.meta.models import Credential, ObjectVersion, Permission, WritePrecondition
 from appliance.services.access import AccessService
 from appliance.services.admin import AdminService
+from appliance.services.bucketconfig import CORS, BucketConfigService
 from appliance.services.multipart import (
     MAX_PART_NUMBER,
     PART_SIZES_HEADER,
@@ -39,6 +41,7 @@ from appliance.services.multipart import (
     part_range,
 )
 from appliance.services.objects import ObjectService, check_key
+from frontends.s3 import cors
 from frontends.s3 import xml as s3xml
 from frontends.s3.chunked import RequestBody, strip_aws_chunked
 from frontends.s3.errormap import to_s3_error
@@ -56,6 +59,7 @@ from frontends.s3.tags import (
 log = logging.getLogger("cairn.s3")
 
 REQUEST_ID_KEY = "cairn.request_id"
+BUCKET_KEY = "cairn.bucket"
 
 STORED_HEADERS = (
     "Content-Type",
@@ -90,7 +94,6 @@ UNSUPPORTED_SUBRESOURCES = (
     "encryption",
     "logging",
     "notification",
-    "cors",
     "accelerate",
     "requestPayment",
     "inventory",
@@ -103,7 +106,6 @@ UNSUPPORTED_SUBRESOURCES = (
     "torrent",
     "restore",
     "select",
-    "attributes",
 )
 
 
@@ -256,6 +258,7 @@ class S3Frontend:
         multipart: MultipartService,
         access: AccessService,
         admin: AdminService,
+        bucket_config: BucketConfigService,
         cpu: CpuPool,
         *,
         region: str,
@@ -265,6 +268,7 @@ class S3Frontend:
         self._multipart = multipart
         self._access = access
         self._admin = admin
+        self._bucket_config = bucket_config
         self._cpu = cpu
         self._region = region
         self._clock = clock
@@ -300,6 +304,17 @@ class S3Frontend:
         if request_id is not None:
             response.headers["x-amz-request-id"] = request_id
             response.headers["x-amz-id-2"] = self._host_id
+        origin = request.headers.get("Origin")
+        bucket = request.get(BUCKET_KEY)
+        if origin and bucket and request.method != "OPTIONS":
+            try:
+                rules = cors.load_rules(await self._bucket_config.get(bucket, CORS))
+            except Exception:
+                log.info("CORS rules of %s unavailable for a response", bucket, exc_info=True)
+                return
+            rule = cors.first_match(rules, origin, request.method)
+            if rule is not None:
+                response.headers.update(rule.response_headers(origin, preflight=False))
 
     # -- entry -----------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -360,6 +375,9 @@ class S3Frontend:
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         bucket, key = _split_path(request.raw_path)
+        request[BUCKET_KEY] = bucket
+        if request.method == "OPTIONS":
+            return await self._preflight(request, bucket)
         credential = await self._authenticate(request)
         if not bucket:
             if request.method != "GET":
@@ -376,10 +394,62 @@ class S3Frontend:
         if not key:
             if "tagging" in request.query:
                 raise S3Error("NotImplemented", "Cairn does not implement bucket tagging.")
+            if "cors" in request.query:
+                return await self._bucket_cors(req)
             return await self._bucket_call(req)
         if "tagging" in request.query:
             return await self._object_tagging(req)
         return await self._object_call(req)
+
+    async def _preflight(self, request: web.Request, bucket: str) -> web.Response:
+        """A browser's CORS preflight: no signature; the bucket's first matching rule
+        answers 200 with its ``Access-Control-*`` headers, else 403."""
+        origin = request.headers.get("Origin")
+        method = request.headers.get("Access-Control-Request-Method")
+        if not bucket:
+            raise S3Error("MethodNotAllowed", "OPTIONS needs a bucket.")
+        if not origin or not method:
+            raise S3Error(
+                "BadRequest",
+                "Insufficient information. Origin request header needed."
+                if not origin
+                else "Insufficient information. Access-Control-Request-Method header needed.",
+            )
+        requested = cors.requested_headers(request.headers.get("Access-Control-Request-Headers"))
+        rules = cors.load_rules(await self._bucket_config.get(bucket, CORS))
+        if not rules:
+            raise S3Error("CORSResponse", "CORS is not enabled for this bucket.")
+        rule = cors.first_match(rules, origin, method, requested)
+        if rule is None:
+            raise S3Error("CORSResponse", "This CORS request is not allowed.")
+        return web.Response(
+            headers=rule.response_headers(origin, preflight=True, requested=requested)
+        )
+
+    async def _bucket_cors(self, req: _Request) -> web.Response:
+        """Get/Put/DeleteBucketCors: reading needs any permission on the bucket, changing
+        needs ``admin``."""
+        method = req.http.method
+        if method == "GET":
+            self._require_any(req)
+            await self._objects.get_bucket(req.bucket)
+            rules = cors.load_rules(await self._bucket_config.get(req.bucket, CORS))
+            if not rules:
+                raise S3Error("NoSuchCORSConfiguration")
+            return web.Response(body=cors.render_cors_xml(rules), content_type="application/xml")
+        if method == "PUT":
+            self._require(req, Permission.ADMIN)
+            raw = await s3xml.read_xml_body(self._body(req.http))
+            rules = cors.parse_cors_xml(raw)
+            await self._bucket_config.set(req.bucket, CORS, cors.dump_rules(rules))
+            return web.Response()
+        if method == "DELETE":
+            self._require(req, Permission.ADMIN)
+            await self._bucket_config.set(req.bucket, CORS, "")
+            return web.Response(status=204)
+        raise S3Error(
+            "MethodNotAllowed", "The specified method is not allowed against this resource."
+        )
 
     def _require(self, req: _Request, permission: Permission) -> None:
         if not self._access.allows(req.credential, req.bucket, permission):
@@ -573,6 +643,8 @@ class S3Frontend:
             self._require(req, Permission.READ)
             if "uploadId" in query and method == "GET":
                 return await self._list_parts(req)
+            if "attributes" in query and method == "GET":
+                return await self._object_attributes(req)
             return await self._get_object(req, head=method == "HEAD")
         if method == "PUT":
             self._require(req, Permission.WRITE)
@@ -916,6 +988,56 @@ class S3Frontend:
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
         return response
+
+    async def _object_attributes(self, req: _Request) -> web.Response:
+        """GetObjectAttributes: ``x-amz-object-attributes`` names what to return (ETag,
+        Checksum, ObjectParts, StorageClass, ObjectSize); parts page with
+        ``x-amz-max-parts`` and ``x-amz-part-number-marker``."""
+        headers = req.http.headers
+        asked = {a.strip() for a in headers.get("x-amz-object-attributes", "").split(",")}
+        asked.discard("")
+        unknown = asked - {"ETag", "Checksum", "ObjectParts", "StorageClass", "ObjectSize"}
+        if not asked or unknown:
+            raise S3Error(
+                "InvalidArgument",
+                "Invalid attribute name specified."
+                if unknown
+                else "x-amz-object-attributes must name at least one attribute",
+            )
+        max_parts = _int_param(headers, "x-amz-max-parts", MAX_KEYS)
+        marker = _int_param(headers, "x-amz-part-number-marker", 0, high=MAX_PART_NUMBER)
+        version = (await self._objects.open_object(req.bucket, req.key)).version
+        _check_conditions(req.http, version)
+        checksums = {
+            name[len(CHECKSUM_HEADER_PREFIX) :].upper(): value
+            for name, value in version.headers.items()
+            if name.lower().startswith(CHECKSUM_HEADER_PREFIX)
+        }
+        attributes = s3xml.ObjectAttributes(
+            etag=version.etag if "ETag" in asked else None,
+            checksums=checksums if "Checksum" in asked else None,
+            storage_class="STANDARD" if "StorageClass" in asked else None,
+            size=version.size if "ObjectSize" in asked else None,
+        )
+        raw_sizes = version.headers.get(PART_SIZES_HEADER)
+        if "ObjectParts" in asked and raw_sizes:
+            sizes = [int(s) for s in raw_sizes.split(",")]
+            page = [(n, sizes[n - 1]) for n in range(marker + 1, len(sizes) + 1)][:max_parts]
+            truncated = bool(page) and page[-1][0] < len(sizes)
+            attributes = dataclasses.replace(
+                attributes,
+                parts_total=len(sizes),
+                parts=page,
+                part_marker=marker,
+                next_part_marker=page[-1][0] if page else None,
+                max_parts=max_parts,
+                parts_truncated=truncated,
+            )
+        return web.Response(
+            body=s3xml.render_object_attributes(attributes),
+            content_type="application/xml",
+            headers={"Last-Modified": _http_date(version.created_at)},
+        )
 
     def _object_headers(self, req: _Request, version: ObjectVersion) -> dict[str, str]:
         headers: dict[str, str] = {

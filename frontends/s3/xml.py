@@ -880,3 +880,63 @@ def parse_tagging(body: bytes, *, max_size: int = 64 * 1024) -> list[tuple[str, 
 def render_tagging(tags: Sequence[tuple[str, str]]) -> bytes:
     body = "".join(f"<Tag>{_el('Key', key)}{_el('Value', value)}</Tag>" for key, value in tags)
     return _document("Tagging", [f"<TagSet>{body}</TagSet>"])
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectAttributes:
+    """What GetObjectAttributes answers; None fields were not asked for (or do not apply)."""
+
+    etag: str | None = None
+    checksums: Mapping[str, str] | None = None
+    """``CRC32``... → base64 value."""
+    storage_class: str | None = None
+    size: int | None = None
+    parts_total: int | None = None
+    parts: Sequence[tuple[int, int]] = ()
+    """(part number, size) of the page of parts shown."""
+    part_marker: int = 0
+    next_part_marker: int | None = None
+    max_parts: int = 1000
+    parts_truncated: bool = False
+
+
+def render_object_attributes(attributes: ObjectAttributes) -> bytes:
+    a = attributes
+    body = [_opt("ETag", a.etag)]
+    if a.checksums:
+        body.append(f"<Checksum>{_checksums(a.checksums)}</Checksum>")
+    if a.parts_total is not None:
+        parts = "".join(
+            f"<Part>{_el('PartNumber', n)}{_el('Size', size)}</Part>" for n, size in a.parts
+        )
+        body.append(
+            "<ObjectParts>"
+            + _el("PartsCount", a.parts_total)
+            + _el("PartNumberMarker", a.part_marker)
+            + _opt("NextPartNumberMarker", a.next_part_marker)
+            + _el("MaxParts", a.max_parts)
+            + _el("IsTruncated", a.parts_truncated)
+            + parts
+            + "</ObjectParts>"
+        )
+    body += [_opt("StorageClass", a.storage_class), _opt("ObjectSize", a.size)]
+    return _document("GetObjectAttributesResponse", body)
+
+
+def parse_document(body: bytes, root: str, *, max_size: int = 64 * 1024) -> _Node:
+    """The hardened parse of a small request document whose root must be ``root``
+    (no DTDs or entities). Raises ``MalformedXML``."""
+    tree = _parse_tree(body, max_size)
+    _expect_root(tree, root)
+    _no_text(tree)
+    return tree
+
+
+def leaf_text(node: _Node) -> str:
+    """The text of an element that must hold no elements. Raises ``MalformedXML``."""
+    return _leaf(node)
+
+
+def document(root: str, body: Iterable[str]) -> bytes:
+    """A response document with S3's namespace."""
+    return _document(root, body)

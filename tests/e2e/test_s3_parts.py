@@ -238,3 +238,49 @@ def test_copy_of_a_2_gib_object_is_metadata_only(cairn: Daemon) -> None:
     assert got["Body"].read() == seed[12345:12355]
     for key in ("big/2g-copy", "big/2g", "big/seed"):
         s3.delete_object(Bucket="e2e", Key=key)
+
+
+def test_get_object_attributes(cairn: Daemon) -> None:
+    s3 = cairn.client()
+    parts = [data_of(PART, 40), data_of(PART, 41), data_of(10, 42)]
+    _multipart(s3, "parts/attrs-mpu", parts)
+    everything = ["ETag", "Checksum", "ObjectParts", "StorageClass", "ObjectSize"]
+    got = s3.get_object_attributes(Bucket="e2e", Key="parts/attrs-mpu", ObjectAttributes=everything)
+    head = s3.head_object(Bucket="e2e", Key="parts/attrs-mpu")
+    assert got["ETag"] == head["ETag"].strip('"')
+    assert got["ObjectSize"] == 2 * PART + 10 and got["StorageClass"] == "STANDARD"
+    assert got["ObjectParts"]["TotalPartsCount"] == 3
+    assert [(p["PartNumber"], p["Size"]) for p in got["ObjectParts"]["Parts"]] == [
+        (1, PART),
+        (2, PART),
+        (3, 10),
+    ]
+    paged = s3.get_object_attributes(
+        Bucket="e2e",
+        Key="parts/attrs-mpu",
+        ObjectAttributes=["ObjectParts"],
+        MaxParts=2,
+        PartNumberMarker=1,
+    )["ObjectParts"]
+    assert [p["PartNumber"] for p in paged["Parts"]] == [2, 3] and not paged["IsTruncated"]
+    first = s3.get_object_attributes(
+        Bucket="e2e", Key="parts/attrs-mpu", ObjectAttributes=["ObjectParts"], MaxParts=1
+    )["ObjectParts"]
+    assert first["IsTruncated"] and first["NextPartNumberMarker"] == 1
+
+    s3.put_object(Bucket="e2e", Key="parts/attrs", Body=b"hello", ChecksumAlgorithm="SHA256")
+    simple = s3.get_object_attributes(Bucket="e2e", Key="parts/attrs", ObjectAttributes=everything)
+    assert simple["Checksum"]["ChecksumSHA256"] == ("LPJNul+wow4m6DsqxbninhsWHlwfp0JecwQzYpOLmCQ=")
+    assert "ObjectParts" not in simple and simple["ObjectSize"] == 5
+    assert (
+        _error(
+            lambda: s3.get_object_attributes(
+                Bucket="e2e", Key="parts/absent", ObjectAttributes=["ETag"]
+            )
+        )[0]
+        == "NoSuchKey"
+    )
+    url = cairn.presign("GET", "/e2e/parts/attrs?attributes=")
+    with pytest.raises(urllib.error.HTTPError) as caught:  # no x-amz-object-attributes
+        urllib.request.urlopen(url, timeout=10)
+    assert caught.value.code == 400 and b"InvalidArgument" in caught.value.read()
