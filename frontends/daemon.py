@@ -96,6 +96,7 @@ def build_app(pool: Pool) -> web.Application:
         pool.bucket_config,
         pool.cpu,
         region=pool.config.server.region,
+        domain=pool.config.server.domain,
     ).install(app)
     return app
 

@@ -31,6 +31,7 @@ from appliance.clock import utcnow
 from appliance.data.cpu import CpuPool
 from appliance.errors import BucketExists, InvalidRange
 from appliance.meta.models import Credential, ObjectVersion, Permission, WritePrecondition
+from appliance.names import is_valid_bucket_name
 from appliance.services.access import AccessService
 from appliance.services.admin import AdminService
 from appliance.services.bucketconfig import CORS, BucketConfigService
@@ -130,6 +131,31 @@ def _split_path(raw_path: str) -> tuple[str, str]:
         return unquote(bucket, errors="strict"), unquote(key, errors="strict")
     except UnicodeDecodeError as exc:
         raise S3Error("InvalidURI", "Couldn't parse the specified URI.", 400) from exc
+
+
+def _virtual_key(raw_path: str) -> str:
+    """The key of a virtual-hosted-style request: the whole path, percent-decoded."""
+    path = raw_path.split("?", 1)[0]
+    try:
+        return unquote(path[1:], errors="strict")
+    except UnicodeDecodeError as exc:
+        raise S3Error("InvalidURI", "Couldn't parse the specified URI.", 400) from exc
+
+
+def _bucket_from_host(host: str, domain: str | None) -> str | None:
+    """The bucket of a virtual-hosted-style request (``bucket.<domain>[:port]``), or None
+    when the request is path-style (no domain set, or another host)."""
+    if domain is None or not host:
+        return None
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    name = name.lower().rstrip(".")
+    suffix = "." + domain
+    if not name.endswith(suffix) or len(name) == len(suffix):
+        return None
+    bucket = name[: -len(suffix)]
+    if not is_valid_bucket_name(bucket):
+        raise S3Error("InvalidBucketName", f"{bucket!r} is not a valid bucket name.")
+    return bucket
 
 
 def _http_date(moment: datetime) -> str:
@@ -262,6 +288,7 @@ class S3Frontend:
         cpu: CpuPool,
         *,
         region: str,
+        domain: str | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._objects = objects
@@ -271,6 +298,7 @@ class S3Frontend:
         self._bucket_config = bucket_config
         self._cpu = cpu
         self._region = region
+        self._domain = domain
         self._clock = clock
         self._verifier = SigV4Verifier(region)
         self._host_id = secrets.token_hex(8)
@@ -375,6 +403,9 @@ class S3Frontend:
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         bucket, key = _split_path(request.raw_path)
+        virtual = _bucket_from_host(request.headers.get("Host", ""), self._domain)
+        if virtual is not None:  # the whole path is the key
+            bucket, key = virtual, _virtual_key(request.raw_path)
         request[BUCKET_KEY] = bucket
         if request.method == "OPTIONS":
             return await self._preflight(request, bucket)

@@ -78,6 +78,8 @@ ADMIN_SECRET_KEY = "admin-secret-0001"
 """A key with every permission on every bucket (``*``): may create and delete buckets."""
 ADMIN_TOKEN = "e2e-admin-token-0000000001"
 REGION = "us-east-1"
+DOMAIN = "s3.cairn.test"
+"""``server.domain`` of every test daemon: ``<bucket>.s3.cairn.test`` is virtual-hosted."""
 CHUNK_SIZE = MiB
 SECRET_BUCKET = "cairn-secret-e2e-bucket"
 """With encryption on: a bucket whose distinctive name must never reach a backend."""
@@ -531,6 +533,7 @@ def write_config(
             "admin_port": admin_port,
             "admin_token": ADMIN_TOKEN,
             "region": REGION,
+            "domain": DOMAIN,
         },
         "database": database,
         "pool": {
