@@ -31,6 +31,7 @@ fi
 apt_install fuse3 libfuse3-dev pkg-config gcc || log "FUSE packages could not be installed"
 # Real S3 clients for the end-to-end tests.
 apt_install rclone || log "rclone could not be installed"
+apt_install restic || log "restic could not be installed (its e2e test will fail)"
 
 stamp="$venv/.cairn-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
