@@ -19,7 +19,12 @@ import pytest
 from appliance.build import Pool, open_pool
 from appliance.config import parse_config
 from appliance.crypto.aead import SEGMENT, TAG
-from appliance.data.blobformat import decode_chunk_header, decode_sealed_part
+from appliance.data.blobformat import (
+    decode_chunk_header,
+    decode_manifest_body,
+    decode_sealed_manifest,
+    decode_sealed_part,
+)
 from appliance.errors import DataCorrupted, KeyUnavailable
 from backends.base import Backend, BlobStream, ByteRange
 from backends.errors import PermanentBackendError
@@ -172,6 +177,21 @@ async def test_identity_is_sealed_in_chunk_zero(pool: Pool, tmp_path: Path) -> N
         "k/one",
     )
     assert identity.user_metadata == {"a": "b"} and identity.chunk_count == 4
+
+    # a copy's manifest is sealed too, and opens with its own data key
+    await pool.objects.copy_object(handle, "secret-bucket-name", "k/copy")
+    copy = await pool.objects.open_object("secret-bucket-name", "k/copy")
+    last = copy.layout[-1]
+    raw = (tmp_path / last.locations[0].backend / last.locations[0].blob_key).read_bytes()
+    sealed = decode_sealed_manifest(raw)
+    assert sealed.chunk_id == last.chunk.chunk_id and b"k/copy" not in raw
+    manifest = decode_manifest_body(
+        await pool.chunks.open_sealed(
+            sealed.chunk_id, sealed.wrapped_dek, sealed.key_id, sealed.sealed
+        )
+    )
+    assert (manifest.identity.bucket, manifest.identity.key) == ("secret-bucket-name", "k/copy")
+    assert [e.chunk_id for e in manifest.entries] == [p.chunk.chunk_id for p in handle.layout]
 
 
 async def test_range_reads_fetch_only_the_covering_segments(database: Any, tmp_path: Path) -> None:

@@ -127,7 +127,7 @@ def test_version_and_flag_must_agree() -> None:
 def test_sealed_manifest_round_trip() -> None:
     identity = ObjectIdentity("b", "k", 1, "e", 1)
     manifest = Manifest("V", identity, (ManifestEntry(0, 1, "c", 0, "x/y", 1, b"\x00" * 32),))
-    sealed = SealedManifest("V", b"w" * 60, "local:abc", b"s" * 50)
+    sealed = SealedManifest("V", "M1", b"w" * 60, "local:abc", b"s" * 50)
     blob = encode_sealed_manifest(sealed)
     assert decode_sealed_manifest(blob) == sealed
     with pytest.raises(BlobFormatError, match="sealed"):
