@@ -4,12 +4,15 @@ hold afterwards (no bucket name, key, metadata or plaintext in any blob key or b
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from boto3.s3.transfer import TransferConfig
 
-from tests.e2e.conftest import SECRET_BUCKET, SECRET_KEY, DaemonFactory, DaemonSpec
+from tests.e2e.conftest import SECRET_BUCKET, SECRET_KEY, DaemonFactory, DaemonSpec, free_port
 
 pytestmark = pytest.mark.e2e
 MiB = 1024 * 1024
@@ -98,3 +101,24 @@ def test_encrypted_pool_serves_s3_and_leaks_nothing(
                 assert needle not in key.encode(), (key, needle)
                 assert needle not in data, (name, key, needle[:30])
     assert files >= 8
+
+
+def test_daemon_refuses_to_start_with_an_unusable_key_file(tmp_path: Path) -> None:
+    (tmp_path / "master.key").write_text("not a key\n")
+    config = {
+        "server": {"host": "127.0.0.1", "port": free_port(), "admin_port": free_port()},
+        "database": {"sqlite": {"path": "cairn.db"}},
+        "encryption": {"enabled": True, "key": {"file": "master.key"}},
+        "backends": [{"name": "disk0", "type": "local", "path": "disk0"}],
+    }
+    path = tmp_path / "cairn.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "frontends.cli", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert "master key: cannot use master key file" in output and "Traceback" not in output
