@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from boto3.s3.transfer import TransferConfig
+from botocore.exceptions import ClientError
 
 from tests.e2e.conftest import SECRET_BUCKET, SECRET_KEY, DaemonFactory, DaemonSpec, free_port
 
@@ -122,3 +123,34 @@ def test_daemon_refuses_to_start_with_an_unusable_key_file(tmp_path: Path) -> No
     assert result.returncode == 1
     output = result.stdout + result.stderr
     assert "master key: cannot use master key file" in output and "Traceback" not in output
+
+
+@pytest.mark.allow_error_logs
+def test_tampered_blobs_give_errors_never_wrong_bytes(daemon_factory: DaemonFactory) -> None:
+    daemon = daemon_factory(DaemonSpec("sqlite", encryption="inline"))
+    s3 = daemon.client(access_key="E2ESECRETKEY0001", secret_key=SECRET_KEY)
+    data = bytes(range(256)) * (3 * MiB // 256)  # three 1 MiB chunks
+    s3.put_object(Bucket=SECRET_BUCKET, Key="t.bin", Body=data)
+    blobs = {
+        key.rsplit("/", 1)[1]: Path(daemon.backends[name]) / key
+        for name, files in daemon.blob_files().items()
+        for key in files
+    }
+    assert set(blobs) == {"000000", "000001", "000002"}
+
+    def flip(path: Path) -> None:
+        raw = bytearray(path.read_bytes())
+        raw[-1000] ^= 0x10
+        path.write_bytes(bytes(raw))
+
+    flip(blobs["000002"])  # the last chunk: the body is cut short, never wrong
+    with pytest.raises(Exception) as cut:  # noqa: PT011 - botocore raises several kinds
+        s3.get_object(Bucket=SECRET_BUCKET, Key="t.bin")["Body"].read()
+    assert "IncompleteRead" in repr(cut.value) or "Connection" in repr(cut.value)
+    ok = s3.get_object(Bucket=SECRET_BUCKET, Key="t.bin", Range=f"bytes=0-{2 * MiB - 1}")
+    assert ok["Body"].read() == data[: 2 * MiB]  # undamaged chunks still read
+    flip(blobs["000000"])  # the first chunk: an S3 error before any byte is sent
+    with pytest.raises(ClientError) as failed:
+        s3.get_object(Bucket=SECRET_BUCKET, Key="t.bin")
+    assert failed.value.response["Error"]["Code"] == "InternalError"
+    assert failed.value.response["ResponseMetadata"]["HTTPStatusCode"] == 500
