@@ -18,7 +18,7 @@ from appliance.build import Pool, open_pool
 from appliance.config import parse_config
 from appliance.crypto.keys import KeySource
 from appliance.errors import KeyUnavailable
-from appliance.services.keys import Job, JobState
+from appliance.services.keys import Job, JobRunning, JobState
 from frontends.cli import cli
 from tests.vault_transit import VaultTransitServer, vault
 
@@ -327,3 +327,54 @@ async def test_cli_status_rotate_and_generate(database: Any, tmp_path: Path) -> 
     config_file.write_text("encryption: {enabled: true}\nbackends: []\n")
     result = await asyncio.to_thread(run, "admin", "keys", "rotate")
     assert result.exit_code == 1 and "encryption.key: required" in result.output
+
+
+class Slow:
+    """A key source whose re-wraps take a while, so a background job can be watched."""
+
+    def __init__(self, inner: KeySource) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def wrap(self, plaintext: bytes) -> tuple[bytes, str]:
+        await asyncio.sleep(0.02)
+        return await self.inner.wrap(plaintext)
+
+
+async def test_background_rotation_start_stop_resume(database: Any, tmp_path: Path) -> None:
+    pool = await open_pool(cfg(database, tmp_path, key=KEYS[0]))
+    try:
+        written = await write_objects(pool, 12, size=20)
+    finally:
+        await pool.close()
+    pool = await open_pool(cfg(database, tmp_path, key=KEYS[1], previous=[KEYS[0]]))
+    try:
+        ring = pool.chunks.keys
+        assert ring is not None
+        real = ring.current
+        ring.current = Slow(real)  # type: ignore[assignment]
+        pool.keys._batch = 2  # type: ignore[attr-defined]
+        pool.keys._concurrency = 1  # type: ignore[attr-defined]
+        began = await pool.keys.start(Job.ROTATE)
+        assert began.state is JobState.RUNNING and began.total == 12
+        assert pool.keys.running(Job.ROTATE)
+        with pytest.raises(JobRunning):
+            await pool.keys.start(Job.ROTATE)
+        for _ in range(1000):  # bounded: 10 s at most
+            seen = await pool.keys.progress(Job.ROTATE)
+            if seen is not None and seen.done >= 4:
+                break
+            await asyncio.sleep(0.01)
+        stopped = await pool.keys.stop(Job.ROTATE)
+        assert stopped is not None and stopped.state is JobState.FAILED
+        assert stopped.error == "cancelled" and 4 <= stopped.done < 12
+        assert not pool.keys.running(Job.ROTATE)
+        ring.current = real
+        await pool.keys.start(Job.ROTATE)
+        finished = await pool.keys.wait(Job.ROTATE)
+        assert finished is not None and finished.state is JobState.DONE and finished.done == 12
+        await check_all(pool, written)
+    finally:
+        await pool.close()
