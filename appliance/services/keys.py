@@ -302,14 +302,13 @@ class KeyService:
     async def _rewrap_all(self, batch: Sequence[WrappedKey]) -> list[KeyUpdate]:
         ring = self._chunks.keys
         assert ring is not None
-        slots = asyncio.Semaphore(self._concurrency)
-
-        async def one(item: WrappedKey) -> KeyUpdate:
-            async with slots:
-                wrapped, key_id = await ring.rewrap(item.wrapped_dek, item.key_id)
-            return KeyUpdate(item.chunk_id, item.key_id, wrapped, key_id)
-
-        return list(await asyncio.gather(*(one(item) for item in batch)))
+        rewrapped = await ring.rewrap_many(
+            [(item.wrapped_dek, item.key_id) for item in batch], concurrency=self._concurrency
+        )
+        return [
+            KeyUpdate(item.chunk_id, item.key_id, wrapped, key_id)
+            for item, (wrapped, key_id) in zip(batch, rewrapped, strict=True)
+        ]
 
     # -- conversion ------------------------------------------------------------------
     async def encrypt_existing(

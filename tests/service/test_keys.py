@@ -16,7 +16,7 @@ from click.testing import CliRunner, Result
 
 from appliance.build import Pool, open_pool
 from appliance.config import parse_config
-from appliance.crypto.keys import KeySource
+from appliance.crypto.keys import KeySource, VaultTransitKey
 from appliance.errors import KeyUnavailable
 from appliance.services.keys import Job, JobRunning, JobState
 from frontends.cli import cli
@@ -272,7 +272,9 @@ async def test_vault_transit_keys(database: Any, tmp_path: Path, vault: VaultTra
         assert vault.calls["decrypt"] >= 12
         # rotation: Vault makes version 2, Cairn re-wraps inside Vault (rewrap endpoint)
         result = await pool.keys.rotate(new_vault_version=True)
-        assert result.done == 12 and vault.calls["rewrap"] == 12 and vault.calls["rotate"] == 1
+        assert result.done == 12 and vault.calls["rotate"] == 1
+        # one batched Transit call re-wrapped all 12 data keys inside Vault
+        assert vault.calls["rewrap"] == 1 and vault.calls["rewrap_items"] == 12
         status = await pool.keys.status()
         assert status.chunks_by_key == {"vault:transit/cairn:v2": 12}
         vault.min_decryption_version["cairn"] = 2  # v1 retired in Vault
@@ -378,3 +380,20 @@ async def test_background_rotation_start_stop_resume(database: Any, tmp_path: Pa
         await check_all(pool, written)
     finally:
         await pool.close()
+
+
+async def test_vault_batch_rewrap_reports_a_bad_item(vault: VaultTransitServer) -> None:
+    key = VaultTransitKey(vault.address, "cairn", token="root-token")
+    try:
+        await key.open()
+        good, key_id = await key.wrap(b"k" * 44)
+        vault.rotate("cairn")
+        done = await key.rewrap_batch([(good, key_id), (good, key_id)])
+        assert [k for _, k in done] == ["vault:transit/cairn:v2"] * 2
+        assert await key.unwrap(done[0][0], done[0][1]) == b"k" * 44
+        with pytest.raises(KeyUnavailable, match="Vault rewrap"):
+            await key.rewrap_batch([(good, key_id), (b"vault:v1:AAAA", key_id)])
+        with pytest.raises(KeyUnavailable, match="not this Vault key"):
+            await key.rewrap_batch([(good, "local:0123")])
+    finally:
+        await key.close()
