@@ -29,6 +29,7 @@ from appliance.errors import DataCorrupted, KeyUnavailable
 from backends.base import Backend, BlobStream, ByteRange
 from backends.errors import PermanentBackendError
 from backends.faults import FaultyBackend
+from tests.fixtures_moto import MotoS3
 
 pytestmark = pytest.mark.service
 KiB = 1024
@@ -380,3 +381,65 @@ async def test_fault_wrapper_still_composes(database: Any, tmp_path: Path) -> No
         assert await read(pool, "secret-bucket-name", "x") == data
     finally:
         await pool.close()
+
+
+async def test_nothing_leaks_to_an_s3_provider(
+    database: Any, tmp_path: Path, moto_s3: MotoS3
+) -> None:
+    """The same check against an S3 backend (moto), listing the provider's bucket."""
+    bucket = moto_s3.new_bucket()
+    raw = {
+        "database": database,
+        "pool": {"chunk_size": CHUNK, "gc_delay_seconds": 0},
+        "encryption": {"enabled": True, "key": {"inline": KEY_A}},
+        "backends": [
+            {
+                "name": "moto",
+                "type": "s3",
+                "endpoint": moto_s3.endpoint_url,
+                "region": moto_s3.region,
+                "bucket": bucket,
+                "prefix": "pool",
+                "access_key": moto_s3.access_key,
+                "secret_key": moto_s3.secret_key,
+                "path_style": True,
+            }
+        ],
+        "buckets": [{"name": "secret-bucket-name"}],
+    }
+    pool = await open_pool(parse_config(raw, env={}, base_dir=tmp_path))
+    try:
+        text = b"Moto-visible plaintext that must stay hidden, line after line. " * 20_000
+        await pool.objects.put_object(
+            "secret-bucket-name",
+            "hidden/dir/report-2026.txt",
+            body(text),
+            size=len(text),
+            headers={"Content-Type": "text/x-hidden-report"},
+            user_metadata={"project": "codename-bluebird"},
+        )
+        assert await read(pool, "secret-bucket-name", "hidden/dir/report-2026.txt") == text
+        assert (
+            await read(pool, "secret-bucket-name", "hidden/dir/report-2026.txt", 70_000, 300_000)
+            == text[70_000:300_000]
+        )
+    finally:
+        await pool.close()
+    keys = moto_s3.keys(bucket)
+    assert len(keys) == -(-len(text) // CHUNK)
+    needles = [
+        b"secret-bucket-name",
+        b"hidden",
+        b"report-2026",
+        b"x-hidden-report",
+        b"codename-bluebird",
+        b"project",
+        *windows(text),
+    ]
+    for key in keys:
+        response = moto_s3.client.get_object(Bucket=bucket, Key=key)
+        data = response["Body"].read()
+        assert not response.get("Metadata")
+        for needle in needles:
+            assert needle not in key.encode(), (key, needle)
+            assert needle not in data, (key, needle)
