@@ -33,7 +33,7 @@ import enum
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from appliance.clock import utcnow
@@ -90,7 +90,10 @@ class JobProgress:
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> JobProgress:
-        return cls(**{**raw, "job": Job(raw["job"]), "state": JobState(raw["state"])})
+        """Parse saved progress; fields this version does not know are ignored."""
+        known = {f.name for f in fields(cls)}
+        kept = {k: v for k, v in raw.items() if k in known}
+        return cls(**{**kept, "job": Job(raw["job"]), "state": JobState(raw["state"])})
 
 
 @dataclass(frozen=True, slots=True)

@@ -195,16 +195,18 @@ async def test_encrypt_existing_then_decrypt_existing(database: Any, tmp_path: P
         )
         written = await write_objects(pool, 3)
         before = await pool.objects.head_object(BUCKET, "m")
+        source = await pool.objects.open_object(BUCKET, "m")
+        await pool.objects.copy_object(source, BUCKET, "m-copy")  # chunks + a manifest
     finally:
         await pool.close()
-    written["m"] = marker
+    written["m"] = written["m-copy"] = marker
     assert any(marker[:40] in d for d in all_blob_bytes(tmp_path).values())
 
     pool = await open_pool(cfg(database, tmp_path, key=KEYS[0]))
     try:
         result = await pool.keys.encrypt_existing()
         assert result.state is JobState.DONE
-        assert (result.total, result.done, result.changed) == (4, 4, 4)
+        assert (result.total, result.done, result.changed) == (5, 5, 5)
         await check_all(pool, written)
         after = await pool.objects.head_object(BUCKET, "m")
         assert after.etag == before.etag and after.user_metadata == {"k": "v"}
@@ -220,8 +222,10 @@ async def test_encrypt_existing_then_decrypt_existing(database: Any, tmp_path: P
 
     pool = await open_pool(cfg(database, tmp_path, key=KEYS[0], enabled=False))
     try:
+        copy = await pool.objects.open_object(BUCKET, "m-copy")
+        assert all(p.chunk.wrapped_dek is not None for p in copy.layout)
         result = await pool.keys.decrypt_existing()
-        assert result.changed == 4
+        assert result.changed == 5
         await check_all(pool, written)
         assert set((await pool.keys.status()).chunks_by_key) == {"none"}
     finally:
