@@ -30,6 +30,7 @@ from appliance.config import (
     BackendConfig,
     CairnConfig,
     ConfigError,
+    KeySourceConfig,
     S3BackendConfig,
     format_size,
     load_config,
@@ -121,6 +122,32 @@ def _capacity(config: CairnConfig) -> str:
     return text
 
 
+def _key_source(source: KeySourceConfig) -> str:
+    if source.inline is not None:
+        return "inline"
+    if source.file is not None:
+        return f"file {source.file}"
+    assert source.vault is not None
+    return f"vault {source.vault.address} key {source.vault.key_name}"
+
+
+def _encryption(config: CairnConfig) -> str:
+    """One line about encryption: default, key sources (never key material), overrides."""
+    enc = config.encryption
+    parts = [f"{'on' if enc.enabled else 'off'} by default"]
+    if enc.key is not None:
+        parts.append(f"key {_key_source(enc.key)}")
+    if enc.previous_keys:
+        parts.append(_plural(len(enc.previous_keys), "previous key"))
+    on = [b.name for b in config.buckets if b.encryption is True]
+    off = [b.name for b in config.buckets if b.encryption is False]
+    if on:
+        parts.append(f"on for {', '.join(on)}")
+    if off:
+        parts.append(f"off for {', '.join(off)}")
+    return ", ".join(parts)
+
+
 def summarize(config: CairnConfig) -> list[str]:
     """Describe a configuration for humans, one line each. Never includes a secret."""
     server, pool, db = config.server, config.pool, config.database
@@ -143,6 +170,8 @@ def summarize(config: CairnConfig) -> list[str]:
         f"replication {pool.replication_factor}, gc delay {pool.gc_delay_seconds} s"
     )
     lines.append(f"cache:     {_cache_summary(config)}")
+    if config.encryption.key is not None or config.encryption.enabled:
+        lines.append(f"encryption: {_encryption(config)}")
     lines.append(f"backends:  {len(config.backends)}")
     width = max(len(b.name) for b in config.backends)
     for b in config.backends:
@@ -225,6 +254,14 @@ cache:                       # repeated reads without spending the providers' eg
   # disk_dir: ./cache        # a local disk cache of what the providers returned (off if unset)
   # disk_max_size: 10GiB     # bytes the disk cache may use
 
+# encryption:                # envelope encryption (docs/configuration.md#encryption)
+#   enabled: true            # encrypt new writes of buckets without their own setting
+#   key:                     # the master key: exactly one of inline, file, vault
+#     file: ./master.key     # 32 bytes; make one with `cairn admin keys generate`
+#     # inline: ${{CAIRN_MASTER_KEY}}
+#     # vault: {{address: https://vault:8200, key_name: cairn, token_file: /run/vault/token}}
+#   previous_keys: []        # retired keys, until `cairn admin keys rotate` says done
+
 backends:                    # at least one; names are lowercase, unique and never change
   - name: disk1
     type: local
@@ -254,6 +291,7 @@ buckets:                     # the buckets Cairn serves over S3, and their acces
     credentials:
       - access_key: {access_key}
         secret_key: "{secret_key}"   # keep this file private (it is written mode 0600)
+    # encryption: true         # this bucket on/off; omit for encryption.enabled
         # permissions: [read, write, list, delete]   # the default; add admin to delete the bucket
 
 # credentials:               # keys for several buckets; '*' means every bucket, and

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from appliance.build import Pool, open_pool
 from appliance.config import CairnConfig
+from appliance.errors import KeyUnavailable
 from appliance.meta.errors import MetaError
 from backends.errors import BackendError
 from frontends.admin.server import AdminApi
@@ -206,6 +207,9 @@ def serve(config: CairnConfig, *, mode: str, mount: Path | None) -> int:
         return asyncio.run(_run(config, mode))
     except MetaError as exc:
         log.error("metadata store: %s", exc)
+        return 1
+    except KeyUnavailable as exc:
+        log.error("master key: %s", exc)
         return 1
     except OSError as exc:
         log.error("cannot start: %s", exc)

@@ -4,8 +4,9 @@ Implements the endpoints Cairn uses, with Vault's request and answer shapes:
 ``POST /v1/<mount>/encrypt/<key>``, ``decrypt/<key>``, ``rewrap/<key>`` and
 ``keys/<key>/rotate``; versioned keys (ciphertexts ``vault:v<N>:<base64>``), the
 ``X-Vault-Token`` header (403 ``permission denied`` otherwise) and ``min_decryption_version``.
-Keys are created on first encrypt, like ``transit`` with ``allow_auto_create``... here
-always. It counts calls per endpoint and can be told to fail (``down``).
+``rewrap`` also takes ``batch_input`` (answering ``batch_results``, an ``error`` per failed
+item). Keys are created on first encrypt. It counts calls per endpoint (and rewrapped
+items) and can be told to fail (``down``).
 """
 
 from __future__ import annotations
@@ -59,10 +60,10 @@ class VaultTransitServer:
         version = int(match.group(1))
         if not 1 <= version <= len(versions) or version < self.min_decryption_version.get(name, 1):
             raise web.HTTPBadRequest(text='{"errors":["invalid key version"]}')
-        raw = base64.b64decode(match.group(2))
         try:
+            raw = base64.b64decode(match.group(2))
             return AESGCM(versions[version - 1]).decrypt(raw[:12], raw[12:], None)
-        except InvalidTag:
+        except (InvalidTag, ValueError):
             raise web.HTTPBadRequest(
                 text='{"errors":["cipher: message authentication failed"]}'
             ) from None
@@ -88,7 +89,20 @@ class VaultTransitServer:
                 return web.json_response(
                     {"data": {"plaintext": base64.b64encode(plaintext).decode()}}
                 )
+            if op == "rewrap" and "batch_input" in body:
+                self.calls["rewrap_items"] += len(body["batch_input"])
+                results = []
+                for item in body["batch_input"]:
+                    try:
+                        ciphertext, version = self._encrypt(
+                            name, self._decrypt(name, item["ciphertext"])
+                        )
+                        results.append({"ciphertext": ciphertext, "key_version": version})
+                    except web.HTTPBadRequest as exc:
+                        results.append({"error": exc.text or "bad ciphertext"})
+                return web.json_response({"data": {"batch_results": results}})
             if op == "rewrap":
+                self.calls["rewrap_items"] += 1
                 plaintext = self._decrypt(name, body["ciphertext"])
                 ciphertext, version = self._encrypt(name, plaintext)
                 return web.json_response(

@@ -17,6 +17,7 @@ refuses) and ``aead.AuthenticationFailed`` (a wrapped key is damaged).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -245,6 +246,27 @@ class VaultTransitKey:
         data = await self._call(f"rewrap/{self._key}", {"ciphertext": wrapped.decode()})
         return self._note(str(data.get("ciphertext", "")))
 
+    async def rewrap_batch(self, items: Sequence[tuple[bytes, str]]) -> list[tuple[bytes, str]]:
+        """Rewrap many data keys in one Transit call (``batch_input``); results in order.
+        Raises ``KeyUnavailable`` when Vault refuses the call or any item."""
+        for _wrapped, key_id in items:
+            if not self.owns(key_id):
+                raise KeyUnavailable(f"master key {key_id} is not this Vault key")
+        data = await self._call(
+            f"rewrap/{self._key}",
+            {"batch_input": [{"ciphertext": wrapped.decode()} for wrapped, _ in items]},
+        )
+        results = data.get("batch_results")
+        if not isinstance(results, list) or len(results) != len(items):
+            raise KeyUnavailable("Vault rewrap: batch answer does not match the request")
+        out = []
+        for result in results:
+            if not isinstance(result, dict) or result.get("error"):
+                error = result.get("error") if isinstance(result, dict) else result
+                raise KeyUnavailable(f"Vault rewrap: {error}")
+            out.append(self._note(str(result.get("ciphertext", ""))))
+        return out
+
     async def rotate(self) -> str:
         """Ask Vault for a new key version; returns the new current key id."""
         await self._call(f"keys/{self._key}/rotate", {})
@@ -306,6 +328,24 @@ class KeyRing:
         if self.current.owns(key_id):
             return await self.current.rewrap(wrapped, key_id)
         return await self.current.wrap(await self.unwrap(wrapped, key_id))
+
+    async def rewrap_many(
+        self, items: Sequence[tuple[bytes, str]], *, concurrency: int = 8
+    ) -> list[tuple[bytes, str]]:
+        """``rewrap`` for many keys, in order: one Transit batch call when the current
+        key is a Vault key holding them all, else ``concurrency`` at a time."""
+        if not items:
+            return []
+        current = self.current
+        if isinstance(current, VaultTransitKey) and all(current.owns(k) for _, k in items):
+            return await current.rewrap_batch(items)
+        slots = asyncio.Semaphore(max(1, concurrency))
+
+        async def one(wrapped: bytes, key_id: str) -> tuple[bytes, str]:
+            async with slots:
+                return await self.rewrap(wrapped, key_id)
+
+        return list(await asyncio.gather(*(one(w, k) for w, k in items)))
 
     async def rotate_current(self) -> str:
         """For a Vault current key, ask Vault for a new version; returns the current

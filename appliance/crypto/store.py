@@ -182,7 +182,9 @@ class EncryptingChunkStore:
             return await self.inner.write_manifest(manifest, blob_key, chunk_id, bucket=bucket)
         data_key, wrapped, key_id = await self._new_key()
         sealed = seal(data_key, chunk_id, encode_manifest_body(manifest))
-        blob = encode_sealed_manifest(SealedManifest(manifest.version_id, wrapped, key_id, sealed))
+        blob = encode_sealed_manifest(
+            SealedManifest(manifest.version_id, chunk_id, wrapped, key_id, sealed)
+        )
         locations = await self.inner.place(blob, blob_key, manifest.version_id, chunk_id)
         chunk = NewChunk(chunk_id, 0, hashlib.sha256(blob).digest(), len(blob), wrapped, key_id)
         return WrittenChunk(chunk, locations)

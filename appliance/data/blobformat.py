@@ -271,6 +271,8 @@ class SealedManifest:
     """An encrypted manifest: ``sealed`` is ``encode_manifest_body`` encrypted."""
 
     version_id: str
+    chunk_id: str
+    """The manifest's own chunk id (the AAD of ``sealed``)."""
     wrapped_dek: bytes
     key_id: str
     sealed: bytes
@@ -293,6 +295,7 @@ def encode_sealed_manifest(manifest: SealedManifest) -> bytes:
         {
             "kind": "manifest",
             "version_id": manifest.version_id,
+            "chunk_id": manifest.chunk_id,
             "dek": manifest.wrapped_dek.hex(),
             "key_id": manifest.key_id,
             "sealed": manifest.sealed.hex(),
@@ -308,6 +311,7 @@ def decode_sealed_manifest(data: bytes) -> SealedManifest:
     try:
         return SealedManifest(
             str(body["version_id"]),
+            str(body["chunk_id"]),
             bytes.fromhex(body["dek"]),
             str(body["key_id"]),
             bytes.fromhex(body["sealed"]),

@@ -18,16 +18,22 @@ continues where the last run stopped:
 
 One runner per job at a time (a store lock); a second start raises ``JobRunning``.
 Every method raises ``KeyUnavailable`` when a needed master key cannot be used.
+
+Two ways to run a job: await ``rotate()`` / ``encrypt_existing()`` /
+``decrypt_existing()`` (the CLI), or ``start(job)`` to run it in the background of this
+process and poll ``progress(job)`` / ``status()``; ``stop(job)`` cancels it (state
+``failed``, ``cancelled``; resumable). The admin API uses the latter.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from appliance.clock import utcnow
@@ -84,7 +90,10 @@ class JobProgress:
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> JobProgress:
-        return cls(**{**raw, "job": Job(raw["job"]), "state": JobState(raw["state"])})
+        """Parse saved progress; fields this version does not know are ignored."""
+        known = {f.name for f in fields(cls)}
+        kept = {k: v for k, v in raw.items() if k in known}
+        return cls(**{**kept, "job": Job(raw["job"]), "state": JobState(raw["state"])})
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +127,64 @@ class KeyService:
         self._batch = batch
         self._concurrency = max(1, concurrency)
         self._margin = room_margin
+        self._tasks: dict[Job, asyncio.Task[JobProgress]] = {}
+
+    # -- background runs -------------------------------------------------------------
+    async def start(self, job: Job, *, new_vault_version: bool = False) -> JobProgress:
+        """Start (or resume) ``job`` in the background; returns its progress once it
+        has begun. Raises ``JobRunning`` if it is running here or elsewhere, and the
+        job's own errors when it fails at once (e.g. ``KeyUnavailable``)."""
+        running = self._tasks.get(job)
+        if running is not None and not running.done():
+            raise JobRunning(f"the {job.value} job is already running")
+        began: asyncio.Future[JobProgress] = asyncio.get_running_loop().create_future()
+
+        def report(progress: JobProgress) -> None:
+            if not began.done():
+                began.set_result(progress)
+
+        if job is Job.ROTATE:
+            work = self.rotate(new_vault_version=new_vault_version, on_progress=report)
+        else:
+            work = self._convert(job, report)
+        task = asyncio.ensure_future(work)
+        self._tasks[job] = task
+
+        def finished(done: asyncio.Task[JobProgress]) -> None:
+            if not began.done():
+                if done.cancelled():
+                    began.cancel()
+                elif done.exception() is not None:
+                    began.set_exception(done.exception())  # type: ignore[arg-type]
+                else:
+                    began.set_result(done.result())
+            elif not done.cancelled() and done.exception() is not None:
+                log.error("%s job failed: %s", job.value, done.exception())
+
+        task.add_done_callback(finished)
+        return await began
+
+    def running(self, job: Job) -> bool:
+        """True while a background run of ``job`` started here is going on."""
+        task = self._tasks.get(job)
+        return task is not None and not task.done()
+
+    async def stop(self, job: Job) -> JobProgress | None:
+        """Cancel a background run started here; returns the saved progress."""
+        task = self._tasks.get(job)
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        return await self.progress(job)
+
+    async def wait(self, job: Job) -> JobProgress | None:
+        """Wait for a background run started here to end; returns the saved progress."""
+        task = self._tasks.get(job)
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        return await self.progress(job)
 
     # -- status ----------------------------------------------------------------------
     async def progress(self, job: Job) -> JobProgress | None:
@@ -134,7 +201,10 @@ class KeyService:
     async def _fail(self, job: Job, started: JobProgress, exc: BaseException) -> None:
         """Mark the job failed, keeping the progress its last batch saved."""
         latest = await self.progress(job) or started
-        reason = str(exc) or type(exc).__name__
+        if isinstance(exc, asyncio.CancelledError):
+            reason = "cancelled"
+        else:
+            reason = str(exc) or type(exc).__name__
         await self._save(replace(latest, state=JobState.FAILED, error=reason))
 
     async def status(self) -> KeyStatus:
@@ -235,14 +305,13 @@ class KeyService:
     async def _rewrap_all(self, batch: Sequence[WrappedKey]) -> list[KeyUpdate]:
         ring = self._chunks.keys
         assert ring is not None
-        slots = asyncio.Semaphore(self._concurrency)
-
-        async def one(item: WrappedKey) -> KeyUpdate:
-            async with slots:
-                wrapped, key_id = await ring.rewrap(item.wrapped_dek, item.key_id)
-            return KeyUpdate(item.chunk_id, item.key_id, wrapped, key_id)
-
-        return list(await asyncio.gather(*(one(item) for item in batch)))
+        rewrapped = await ring.rewrap_many(
+            [(item.wrapped_dek, item.key_id) for item in batch], concurrency=self._concurrency
+        )
+        return [
+            KeyUpdate(item.chunk_id, item.key_id, wrapped, key_id)
+            for item, (wrapped, key_id) in zip(batch, rewrapped, strict=True)
+        ]
 
     # -- conversion ------------------------------------------------------------------
     async def encrypt_existing(

@@ -18,6 +18,7 @@ from appliance.meta.errors import (
     Conflict,
     InvalidPart,
     NotFound,
+    PreconditionFailed,
     SchemaTooNew,
     StoreUnavailable,
 )
@@ -25,6 +26,7 @@ from appliance.meta.models import (
     BackendSpec,
     ChunkRef,
     Credential,
+    KeyUpdate,
     Location,
     MultipartUpload,
     NewChunk,
@@ -33,6 +35,7 @@ from appliance.meta.models import (
     UsageDelta,
     VersionKind,
     VersionState,
+    WritePrecondition,
 )
 from appliance.meta.sql import SqlMetadataStore
 from appliance.meta.store import GC_QUEUE
@@ -806,3 +809,64 @@ async def test_delete_objects_in_one_transaction(pool: SqlMetadataStore, clock: 
     page = await pool.list_objects("bk")
     assert [e.key for e in page.entries] == ["d2", "d4"]
     assert await gc_ids(pool, clock) == {"dc0", "dc1", "dc3"}
+
+
+# -- data keys (encryption) and background rewrites -----------------------------------
+
+
+async def test_wrapped_keys_scan_rewrap_and_count(pool: SqlMetadataStore) -> None:
+    vid = new_sortable_id()
+    await pool.begin_version(vid, "bk", "enc")
+    for seq, (cid, key_id) in enumerate(
+        [("c1", "old"), ("c2", "new"), ("c3", "old"), ("c4", None), ("c5", "older")]
+    ):
+        new = NewChunk(cid, 10, b"\x00" * 32, 60, b"w-" + cid.encode() if key_id else None, key_id)
+        loc = Location(cid, "b1", f"blobs/{cid}", 60)
+        await pool.add_chunk(vid, ChunkRef(seq, seq * 10, 10, cid), new, [(loc, None)])
+    await pool.commit_version(vid, size=50, etag="e")
+    assert await pool.count_chunks_by_key() == {"old": 2, "new": 1, None: 1, "older": 1}
+    first = await pool.list_wrapped_keys(not_key_id="new", limit=2)
+    assert [(w.chunk_id, w.wrapped_dek, w.key_id) for w in first] == [
+        ("c1", b"w-c1", "old"),
+        ("c3", b"w-c3", "old"),
+    ]
+    rest = await pool.list_wrapped_keys(not_key_id="new", after="c3")
+    assert [w.chunk_id for w in rest] == ["c5"]
+    updates = [
+        KeyUpdate("c1", "old", b"n-c1", "new"),
+        KeyUpdate("c3", "stale-guess", b"n-c3", "new"),  # compare-and-set: not applied
+        KeyUpdate("c5", "older", b"n-c5", "new"),
+    ]
+    assert await pool.set_wrapped_keys(updates) == 2
+    assert await pool.set_wrapped_keys(updates) == 0  # idempotent
+    assert await pool.count_chunks_by_key() == {"old": 1, "new": 3, None: 1}
+    layout = await pool.get_layout(vid)
+    assert (layout[0].chunk.wrapped_dek, layout[0].chunk.key_id) == (b"n-c1", "new")
+    assert [w.chunk_id for w in await pool.list_wrapped_keys(not_key_id="new")] == ["c3"]
+    # unreferenced chunks are not rotated or counted
+    await pool.delete_object("bk", "enc")
+    assert await pool.list_wrapped_keys(not_key_id="new") == []
+    assert await pool.count_chunks_by_key() == {}
+
+
+async def test_count_objects(pool: SqlMetadataStore) -> None:
+    assert await pool.count_objects("bk") == (0, 0)
+    await put_object(pool, "bk", "a", ["a1", "a2"])
+    await put_object(pool, "bk", "b", ["b1"])
+    assert await pool.count_objects("bk") == (2, 300)
+
+
+async def test_if_version_id_precondition(pool: SqlMetadataStore) -> None:
+    first = await put_object(pool, "bk", "k", ["k1"])
+    rewrite = await write_version(pool, "bk", "k", ["k2"])
+    meanwhile = await put_object(pool, "bk", "k", ["k3"])  # a client write wins the race
+    with pytest.raises(PreconditionFailed):
+        await pool.commit_version(
+            rewrite, size=100, etag="e", precondition=WritePrecondition(if_version_id=first)
+        )
+    await pool.abort_version(rewrite)
+    again = await write_version(pool, "bk", "k", ["k4"])
+    result = await pool.commit_version(
+        again, size=100, etag="e", precondition=WritePrecondition(if_version_id=meanwhile)
+    )
+    assert result.is_current and result.replaced_version_id == meanwhile

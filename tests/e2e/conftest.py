@@ -117,6 +117,8 @@ class DaemonSpec:
     quotas: tuple[int, ...] = DEFAULT_QUOTAS
     encryption: str | None = None
     """None, ``"inline"`` or ``"file"``: the pool encrypts with a master key from there."""
+    memory_cache: bool = True
+    """False sets ``cache.max_size: 0``: every read reaches the backends (tamper tests)."""
 
     @property
     def name(self) -> str:
@@ -561,6 +563,8 @@ def write_config(
             }
         ],
     }
+    if not spec.memory_cache:
+        config["cache"] = {"max_size": 0}
     if spec.encryption is not None:
         if spec.encryption == "file":
             (daemon_root / "master.key").write_bytes(base64.b64decode(E2E_MASTER_KEY))

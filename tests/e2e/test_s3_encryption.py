@@ -4,12 +4,16 @@ hold afterwards (no bucket name, key, metadata or plaintext in any blob key or b
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from boto3.s3.transfer import TransferConfig
+from botocore.exceptions import ClientError
 
-from tests.e2e.conftest import SECRET_BUCKET, SECRET_KEY, DaemonFactory, DaemonSpec
+from tests.e2e.conftest import SECRET_BUCKET, SECRET_KEY, DaemonFactory, DaemonSpec, free_port
 
 pytestmark = pytest.mark.e2e
 MiB = 1024 * 1024
@@ -98,3 +102,56 @@ def test_encrypted_pool_serves_s3_and_leaks_nothing(
                 assert needle not in key.encode(), (key, needle)
                 assert needle not in data, (name, key, needle[:30])
     assert files >= 8
+
+
+def test_daemon_refuses_to_start_with_an_unusable_key_file(tmp_path: Path) -> None:
+    (tmp_path / "master.key").write_text("not a key\n")
+    config = {
+        "server": {"host": "127.0.0.1", "port": free_port(), "admin_port": free_port()},
+        "database": {"sqlite": {"path": "cairn.db"}},
+        "encryption": {"enabled": True, "key": {"file": "master.key"}},
+        "backends": [{"name": "disk0", "type": "local", "path": "disk0"}],
+    }
+    path = tmp_path / "cairn.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "frontends.cli", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert "master key: cannot use master key file" in output and "Traceback" not in output
+
+
+@pytest.mark.allow_error_logs
+def test_tampered_blobs_give_errors_never_wrong_bytes(daemon_factory: DaemonFactory) -> None:
+    # no memory cache: a cached chunk would (rightly) be served without reading the blob
+    daemon = daemon_factory(DaemonSpec("sqlite", encryption="inline", memory_cache=False))
+    s3 = daemon.client(access_key="E2ESECRETKEY0001", secret_key=SECRET_KEY)
+    data = bytes(range(256)) * (3 * MiB // 256)  # three 1 MiB chunks
+    s3.put_object(Bucket=SECRET_BUCKET, Key="t.bin", Body=data)
+    blobs = {
+        key.rsplit("/", 1)[1]: Path(daemon.backends[name]) / key
+        for name, files in daemon.blob_files().items()
+        for key in files
+    }
+    assert set(blobs) == {"000000", "000001", "000002"}
+
+    def flip(path: Path) -> None:
+        raw = bytearray(path.read_bytes())
+        raw[-1000] ^= 0x10
+        path.write_bytes(bytes(raw))
+
+    flip(blobs["000002"])  # the last chunk: the body is cut short, never wrong
+    with pytest.raises(Exception) as cut:  # noqa: PT011 - botocore raises several kinds
+        s3.get_object(Bucket=SECRET_BUCKET, Key="t.bin")["Body"].read()
+    assert "IncompleteRead" in repr(cut.value) or "Connection" in repr(cut.value)
+    ok = s3.get_object(Bucket=SECRET_BUCKET, Key="t.bin", Range=f"bytes=0-{2 * MiB - 1}")
+    assert ok["Body"].read() == data[: 2 * MiB]  # undamaged chunks still read
+    flip(blobs["000000"])  # the first chunk: an S3 error before any byte is sent
+    with pytest.raises(ClientError) as failed:
+        s3.get_object(Bucket=SECRET_BUCKET, Key="t.bin")
+    assert failed.value.response["Error"]["Code"] == "InternalError"
+    assert failed.value.response["ResponseMetadata"]["HTTPStatusCode"] == 500

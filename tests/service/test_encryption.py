@@ -19,11 +19,17 @@ import pytest
 from appliance.build import Pool, open_pool
 from appliance.config import parse_config
 from appliance.crypto.aead import SEGMENT, TAG
-from appliance.data.blobformat import decode_chunk_header, decode_sealed_part
+from appliance.data.blobformat import (
+    decode_chunk_header,
+    decode_manifest_body,
+    decode_sealed_manifest,
+    decode_sealed_part,
+)
 from appliance.errors import DataCorrupted, KeyUnavailable
 from backends.base import Backend, BlobStream, ByteRange
 from backends.errors import PermanentBackendError
 from backends.faults import FaultyBackend
+from tests.fixtures_moto import MotoS3
 
 pytestmark = pytest.mark.service
 KiB = 1024
@@ -173,6 +179,21 @@ async def test_identity_is_sealed_in_chunk_zero(pool: Pool, tmp_path: Path) -> N
         "k/one",
     )
     assert identity.user_metadata == {"a": "b"} and identity.chunk_count == 4
+
+    # a copy's manifest is sealed too, and opens with its own data key
+    await pool.objects.copy_object(handle, "secret-bucket-name", "k/copy")
+    copy = await pool.objects.open_object("secret-bucket-name", "k/copy")
+    last = copy.layout[-1]
+    raw = (tmp_path / last.locations[0].backend / last.locations[0].blob_key).read_bytes()
+    sealed = decode_sealed_manifest(raw)
+    assert sealed.chunk_id == last.chunk.chunk_id and b"k/copy" not in raw
+    manifest = decode_manifest_body(
+        await pool.chunks.open_sealed(
+            sealed.chunk_id, sealed.wrapped_dek, sealed.key_id, sealed.sealed
+        )
+    )
+    assert (manifest.identity.bucket, manifest.identity.key) == ("secret-bucket-name", "k/copy")
+    assert [e.chunk_id for e in manifest.entries] == [p.chunk.chunk_id for p in handle.layout]
 
 
 async def test_range_reads_fetch_only_the_covering_segments(database: Any, tmp_path: Path) -> None:
@@ -361,3 +382,65 @@ async def test_fault_wrapper_still_composes(database: Any, tmp_path: Path) -> No
         assert await read(pool, "secret-bucket-name", "x") == data
     finally:
         await pool.close()
+
+
+async def test_nothing_leaks_to_an_s3_provider(
+    database: Any, tmp_path: Path, moto_s3: MotoS3
+) -> None:
+    """The same check against an S3 backend (moto), listing the provider's bucket."""
+    bucket = moto_s3.new_bucket()
+    raw = {
+        "database": database,
+        "pool": {"chunk_size": CHUNK, "gc_delay_seconds": 0},
+        "encryption": {"enabled": True, "key": {"inline": KEY_A}},
+        "backends": [
+            {
+                "name": "moto",
+                "type": "s3",
+                "endpoint": moto_s3.endpoint_url,
+                "region": moto_s3.region,
+                "bucket": bucket,
+                "prefix": "pool",
+                "access_key": moto_s3.access_key,
+                "secret_key": moto_s3.secret_key,
+                "path_style": True,
+            }
+        ],
+        "buckets": [{"name": "secret-bucket-name"}],
+    }
+    pool = await open_pool(parse_config(raw, env={}, base_dir=tmp_path))
+    try:
+        text = b"Moto-visible plaintext that must stay hidden, line after line. " * 20_000
+        await pool.objects.put_object(
+            "secret-bucket-name",
+            "hidden/dir/report-2026.txt",
+            body(text),
+            size=len(text),
+            headers={"Content-Type": "text/x-hidden-report"},
+            user_metadata={"project": "codename-bluebird"},
+        )
+        assert await read(pool, "secret-bucket-name", "hidden/dir/report-2026.txt") == text
+        assert (
+            await read(pool, "secret-bucket-name", "hidden/dir/report-2026.txt", 70_000, 300_000)
+            == text[70_000:300_000]
+        )
+    finally:
+        await pool.close()
+    keys = moto_s3.keys(bucket)
+    assert len(keys) == -(-len(text) // CHUNK)
+    needles = [
+        b"secret-bucket-name",
+        b"hidden",
+        b"report-2026",
+        b"x-hidden-report",
+        b"codename-bluebird",
+        b"project",
+        *windows(text),
+    ]
+    for key in keys:
+        response = moto_s3.client.get_object(Bucket=bucket, Key=key)
+        data = response["Body"].read()
+        assert not response.get("Metadata")
+        for needle in needles:
+            assert needle not in key.encode(), (key, needle)
+            assert needle not in data, (key, needle)

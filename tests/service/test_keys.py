@@ -16,9 +16,9 @@ from click.testing import CliRunner, Result
 
 from appliance.build import Pool, open_pool
 from appliance.config import parse_config
-from appliance.crypto.keys import KeySource
+from appliance.crypto.keys import KeySource, VaultTransitKey
 from appliance.errors import KeyUnavailable
-from appliance.services.keys import Job, JobState
+from appliance.services.keys import Job, JobRunning, JobState
 from frontends.cli import cli
 from tests.vault_transit import VaultTransitServer, vault
 
@@ -196,16 +196,18 @@ async def test_encrypt_existing_then_decrypt_existing(database: Any, tmp_path: P
         )
         written = await write_objects(pool, 3)
         before = await pool.objects.head_object(BUCKET, "m")
+        source = await pool.objects.open_object(BUCKET, "m")
+        await pool.objects.copy_object(source, BUCKET, "m-copy")  # chunks + a manifest
     finally:
         await pool.close()
-    written["m"] = marker
+    written["m"] = written["m-copy"] = marker
     assert any(marker[:40] in d for d in all_blob_bytes(tmp_path).values())
 
     pool = await open_pool(cfg(database, tmp_path, key=KEYS[0]))
     try:
         result = await pool.keys.encrypt_existing()
         assert result.state is JobState.DONE
-        assert (result.total, result.done, result.changed) == (4, 4, 4)
+        assert (result.total, result.done, result.changed) == (5, 5, 5)
         await check_all(pool, written)
         after = await pool.objects.head_object(BUCKET, "m")
         assert after.etag == before.etag and after.user_metadata == {"k": "v"}
@@ -221,8 +223,10 @@ async def test_encrypt_existing_then_decrypt_existing(database: Any, tmp_path: P
 
     pool = await open_pool(cfg(database, tmp_path, key=KEYS[0], enabled=False))
     try:
+        copy = await pool.objects.open_object(BUCKET, "m-copy")
+        assert all(p.chunk.wrapped_dek is not None for p in copy.layout)
         result = await pool.keys.decrypt_existing()
-        assert result.changed == 4
+        assert result.changed == 5
         await check_all(pool, written)
         assert set((await pool.keys.status()).chunks_by_key) == {"none"}
     finally:
@@ -273,7 +277,9 @@ async def test_vault_transit_keys(database: Any, tmp_path: Path, vault: VaultTra
         assert vault.calls["decrypt"] >= 12
         # rotation: Vault makes version 2, Cairn re-wraps inside Vault (rewrap endpoint)
         result = await pool.keys.rotate(new_vault_version=True)
-        assert result.done == 12 and vault.calls["rewrap"] == 12 and vault.calls["rotate"] == 1
+        assert result.done == 12 and vault.calls["rotate"] == 1
+        # one batched Transit call re-wrapped all 12 data keys inside Vault
+        assert vault.calls["rewrap"] == 1 and vault.calls["rewrap_items"] == 12
         status = await pool.keys.status()
         assert status.chunks_by_key == {"vault:transit/cairn:v2": 12}
         vault.min_decryption_version["cairn"] = 2  # v1 retired in Vault
@@ -328,3 +334,71 @@ async def test_cli_status_rotate_and_generate(database: Any, tmp_path: Path) -> 
     config_file.write_text("encryption: {enabled: true}\nbackends: []\n")
     result = await asyncio.to_thread(run, "admin", "keys", "rotate")
     assert result.exit_code == 1 and "encryption.key: required" in result.output
+
+
+class Slow:
+    """A key source whose re-wraps take a while, so a background job can be watched."""
+
+    def __init__(self, inner: KeySource) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def wrap(self, plaintext: bytes) -> tuple[bytes, str]:
+        await asyncio.sleep(0.02)
+        return await self.inner.wrap(plaintext)
+
+
+async def test_background_rotation_start_stop_resume(database: Any, tmp_path: Path) -> None:
+    pool = await open_pool(cfg(database, tmp_path, key=KEYS[0]))
+    try:
+        written = await write_objects(pool, 12, size=20)
+    finally:
+        await pool.close()
+    pool = await open_pool(cfg(database, tmp_path, key=KEYS[1], previous=[KEYS[0]]))
+    try:
+        ring = pool.chunks.keys
+        assert ring is not None
+        real = ring.current
+        ring.current = Slow(real)  # type: ignore[assignment]
+        pool.keys._batch = 2  # type: ignore[attr-defined]
+        pool.keys._concurrency = 1  # type: ignore[attr-defined]
+        began = await pool.keys.start(Job.ROTATE)
+        assert began.state is JobState.RUNNING and began.total == 12
+        assert pool.keys.running(Job.ROTATE)
+        with pytest.raises(JobRunning):
+            await pool.keys.start(Job.ROTATE)
+        for _ in range(1000):  # bounded: 10 s at most
+            seen = await pool.keys.progress(Job.ROTATE)
+            if seen is not None and seen.done >= 4:
+                break
+            await asyncio.sleep(0.01)
+        stopped = await pool.keys.stop(Job.ROTATE)
+        assert stopped is not None and stopped.state is JobState.FAILED
+        assert stopped.error == "cancelled" and 4 <= stopped.done < 12
+        assert not pool.keys.running(Job.ROTATE)
+        ring.current = real
+        await pool.keys.start(Job.ROTATE)
+        finished = await pool.keys.wait(Job.ROTATE)
+        assert finished is not None and finished.state is JobState.DONE and finished.done == 12
+        await check_all(pool, written)
+    finally:
+        await pool.close()
+
+
+async def test_vault_batch_rewrap_reports_a_bad_item(vault: VaultTransitServer) -> None:
+    key = VaultTransitKey(vault.address, "cairn", token="root-token")
+    try:
+        await key.open()
+        good, key_id = await key.wrap(b"k" * 44)
+        vault.rotate("cairn")
+        done = await key.rewrap_batch([(good, key_id), (good, key_id)])
+        assert [k for _, k in done] == ["vault:transit/cairn:v2"] * 2
+        assert await key.unwrap(done[0][0], done[0][1]) == b"k" * 44
+        with pytest.raises(KeyUnavailable, match="Vault rewrap"):
+            await key.rewrap_batch([(good, key_id), (b"vault:v1:AAAA", key_id)])
+        with pytest.raises(KeyUnavailable, match="not this Vault key"):
+            await key.rewrap_batch([(good, "local:0123")])
+    finally:
+        await key.close()

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from appliance.crypto.aead import DataKey, decrypt_segments, sealed_size, unseal
+from appliance.crypto.keys import LocalKey, local_key_id
 from appliance.data.blobformat import (
     FIXED_SIZE,
     FLAG_ENCRYPTED,
@@ -125,7 +127,7 @@ def test_version_and_flag_must_agree() -> None:
 def test_sealed_manifest_round_trip() -> None:
     identity = ObjectIdentity("b", "k", 1, "e", 1)
     manifest = Manifest("V", identity, (ManifestEntry(0, 1, "c", 0, "x/y", 1, b"\x00" * 32),))
-    sealed = SealedManifest("V", b"w" * 60, "local:abc", b"s" * 50)
+    sealed = SealedManifest("V", "M1", b"w" * 60, "local:abc", b"s" * 50)
     blob = encode_sealed_manifest(sealed)
     assert decode_sealed_manifest(blob) == sealed
     with pytest.raises(BlobFormatError, match="sealed"):
@@ -168,3 +170,33 @@ def test_header_size_from_fixed_part() -> None:
     blob = SAMPLE.read_bytes()
     _, length = decode_chunk_header(blob)
     assert header_size(blob[:FIXED_SIZE]) == length
+
+
+ENCRYPTED_SAMPLE = Path(__file__).parent / "data" / "chunk-v2-encrypted.blob"
+SAMPLE_MASTER_KEY = bytes(range(32))
+"""The master key of the committed encrypted sample (never use a key like this)."""
+
+
+async def test_committed_encrypted_sample_decodes() -> None:
+    blob = ENCRYPTED_SAMPLE.read_bytes()
+    header, length = decode_chunk_header(blob)
+    assert blob[4] == FORMAT_VERSION_SEALED and header.encrypted
+    assert header.key_id == "local:01d423df2558fbaa" == local_key_id(SAMPLE_MASTER_KEY)
+    assert header.identity is None and b"samples" not in blob and b"secret.txt" not in blob
+    assert header.wrapped_dek is not None and header.sealed is not None
+    data_key = DataKey.from_bytes(
+        await LocalKey(SAMPLE_MASTER_KEY).unwrap(header.wrapped_dek, header.key_id)
+    )
+    sha256, identity = decode_sealed_part(unseal(data_key, header.chunk_id, header.sealed))
+    assert identity is not None
+    assert (identity.bucket, identity.key, identity.chunk_count) == (
+        "samples",
+        "docs/secret.txt",
+        1,
+    )
+    assert identity.user_metadata == {"origin": "format-test"}
+    payload = decrypt_segments(data_key, header.chunk_id, header.size, 0, blob[length:])
+    assert bytes(payload) == b"Cairn sample chunk v2\n" * 3000
+    assert hashlib.sha256(payload).digest() == sha256
+    # header length = stored size - sealed size, as for range reads without the header
+    assert length == len(blob) - sealed_size(header.size)

@@ -15,8 +15,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from appliance.config import CairnConfig, load_config
-from frontends.cli import cli, render_starter
+from appliance.config import CairnConfig, load_config, parse_config
+from frontends.cli import cli, render_starter, summarize
 
 pytestmark = pytest.mark.unit
 
@@ -426,3 +426,29 @@ def test_help_lists_commands(runner: CliRunner) -> None:
     assert result.exit_code == 0
     for command in ("validate", "init", "serve"):
         assert command in result.stdout
+
+
+def test_summary_describes_encryption_without_key_material() -> None:
+    key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+    config = parse_config(
+        {
+            "encryption": {
+                "enabled": True,
+                "key": {"inline": key},
+                "previous_keys": [{"file": "/etc/cairn/old.key"}],
+            },
+            "backends": [{"name": "d", "type": "local", "path": "/srv/d"}],
+            "buckets": [{"name": "plain", "encryption": False}, {"name": "other"}],
+        },
+        env={},
+        base_dir=Path("/etc/cairn"),
+    )
+    lines = summarize(config)
+    assert "encryption: on by default, key inline, 1 previous key, off for plain" in lines
+    assert key not in "\n".join(lines)
+    plain = parse_config(
+        {"backends": [{"name": "d", "type": "local", "path": "/srv/d"}]},
+        env={},
+        base_dir=Path("/etc/cairn"),
+    )
+    assert not any(line.startswith("encryption") for line in summarize(plain))

@@ -1047,3 +1047,79 @@ def test_input_data_is_not_mutated() -> None:
 def test_bucket_config_direct() -> None:
     bucket = BucketConfig(name="abc", credentials=[])
     assert bucket.credentials == []
+
+
+# --------------------------------------------------------------------------- encryption
+
+KEY64 = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="  # base64 of bytes 0..31
+
+
+def test_encryption_defaults_off() -> None:
+    config = parse(minimal())
+    assert config.encryption.enabled is False and config.encryption.key is None
+
+
+def test_encryption_sources_and_per_bucket_override() -> None:
+    config = parse(
+        minimal(
+            encryption={
+                "enabled": True,
+                "key": {"file": "keys/master.key"},
+                "previous_keys": [
+                    {"inline": KEY64},
+                    {
+                        "vault": {
+                            "address": "https://vault.example:8200/",
+                            "key_name": "cairn",
+                            "token_file": "vault-token",
+                        }
+                    },
+                ],
+            },
+            buckets=[{"name": "plain", "encryption": False}, {"name": "default"}],
+        )
+    )
+    enc = config.encryption
+    assert enc.key is not None and enc.key.file == BASE / "keys/master.key"
+    vault = enc.previous_keys[1].vault
+    assert vault is not None and vault.address == "https://vault.example:8200"
+    assert vault.token_file == BASE / "vault-token" and vault.mount == "transit"
+    assert [b.encryption for b in config.buckets] == [False, None]
+    assert KEY64 not in repr(config)
+
+
+def test_encryption_errors_are_clear() -> None:
+    found = problems(
+        minimal(
+            encryption={
+                "enabled": True,
+                "previous_keys": [
+                    {"inline": "bm90IDMyIGJ5dGVz"},
+                    {"inline": KEY64, "file": "k"},
+                    {},
+                    {"vault": {"address": "ftp://x", "key_name": "k"}},
+                    {
+                        "vault": {
+                            "address": "http://v",
+                            "key_name": "k",
+                            "token": "t",
+                            "token_file": "f",
+                        }
+                    },
+                ],
+            }
+        )
+    )
+    text = "\n".join(found)
+    assert "encryption.previous_keys[0].inline: must be base64 of 32 bytes" in text
+    one_of = "give exactly one of 'inline', 'file' and 'vault'"
+    assert f"encryption.previous_keys[1]: {one_of} (found inline, file)" in text
+    assert "encryption.previous_keys[2]: give exactly one of 'inline', 'file' and 'vault'" in text
+    assert "encryption.previous_keys[3].vault.address: must be an http:// or https:// URL" in text
+    assert "encryption.previous_keys[4].vault: give exactly one of 'token' and 'token_file'" in text
+    assert KEY64 not in text
+    assert problems(minimal(encryption={"enabled": True})) == [
+        "encryption.key: required when encryption is enabled"
+    ]
+    bucket_only = problems(minimal(buckets=[{"name": "enc", "encryption": True}]))
+    assert bucket_only == ["buckets[0].encryption: needs a master key: set encryption.key"]
