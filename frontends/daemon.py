@@ -109,7 +109,7 @@ def build_admin_app(pool: Pool) -> web.Application:
     app.router.add_get("/health", _health)
     app.router.add_get("/health/ready", _ready)
     token = pool.config.server.admin_token
-    AdminApi(pool.admin, token=token.get_secret_value() if token else None).install(app)
+    AdminApi(pool.admin, pool.keys, token=token.get_secret_value() if token else None).install(app)
     return app
 
 

@@ -262,3 +262,45 @@ def backends_list(ctx: click.Context) -> None:
         return f"{b['name']:<20} {b['state']:<10} {b['used_bytes']:>16} used  {quota}"
 
     _print(ctx, found, [row(b) for b in found])
+
+
+# -- encryption jobs (in the running daemon) -----------------------------------------
+@admin.group()
+def encryption() -> None:
+    """Key jobs run by the daemon (rotate, encrypt, decrypt); see also ``cairn admin keys``,
+    which runs them in this process against a stopped daemon's store."""
+
+
+def _job_row(p: dict[str, Any]) -> str:
+    error = f"  error: {p['error']}" if p.get("error") else ""
+    counts = f"{p['done']}/{p['total']} done, {p['changed']} changed"
+    return f"{p['job']:<8} {p['state']:<8} {counts}{error}"
+
+
+@encryption.command("status")
+@click.pass_context
+def encryption_status(ctx: click.Context) -> None:
+    found = _client(ctx).call("GET", "/encryption")
+    rows = [f"current key: {found['current_key_id'] or '(none: encryption off)'}"]
+    rows += [f"  {key}: {n} chunks" for key, n in sorted(found["chunks_by_key"].items())]
+    rows += [_job_row(p) for p in found["jobs"].values()]
+    _print(ctx, found, rows)
+
+
+@encryption.command("start")
+@click.argument("job", type=click.Choice(["rotate", "encrypt", "decrypt"]))
+@click.option("--new-vault-version", is_flag=True, help="rotate: make Vault add a key version.")
+@click.pass_context
+def encryption_start(ctx: click.Context, job: str, new_vault_version: bool) -> None:
+    """Start or resume a job in the daemon; follow it with ``status``."""
+    body = {"new_vault_version": True} if new_vault_version else {}
+    progress = _client(ctx).call("POST", f"/encryption/jobs/{job}", body)
+    _print(ctx, progress, [_job_row(progress)])
+
+
+@encryption.command("stop")
+@click.argument("job", type=click.Choice(["rotate", "encrypt", "decrypt"]))
+@click.pass_context
+def encryption_stop(ctx: click.Context, job: str) -> None:
+    progress = _client(ctx).call("DELETE", f"/encryption/jobs/{job}")
+    _print(ctx, progress, [_job_row(progress)])

@@ -14,6 +14,7 @@ _TABLE: dict[type[BaseException], tuple[int, str]] = {
     domain.AccessKeyExists: (409, "AccessKeyExists"),
     domain.BucketNotEmpty: (409, "BucketNotEmpty"),
     domain.MetadataUnavailable: (503, "MetadataUnavailable"),
+    domain.KeyUnavailable: (503, "KeyUnavailable"),
 }
 
 

@@ -72,3 +72,32 @@ class BackendOut(BaseModel):
     requests_left: int | None
     ingress_left: int | None
     egress_left: int | None
+
+
+class JobOut(BaseModel):
+    """A key job's saved progress (``total``/``done``: chunks for rotate, objects scanned
+    for encrypt/decrypt; ``changed``: chunks re-wrapped or objects rewritten)."""
+
+    job: str
+    state: str
+    target: str
+    total: int
+    done: int
+    changed: int
+    bytes_rewritten: int
+    error: str | None
+    started_at: str
+    updated_at: str
+
+
+class JobIn(_Strict):
+    new_vault_version: bool = Field(
+        default=False, description="rotate only: make Vault create a new key version first"
+    )
+
+
+class EncryptionOut(BaseModel):
+    current_key_id: str | None
+    configured_key_ids: list[str]
+    chunks_by_key: dict[str, int] = Field(description="'none' counts unencrypted chunks")
+    jobs: dict[str, JobOut]

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from appliance.meta.models import Permission
 from appliance.services.admin import AccessKeyInfo, AdminService, BucketInfo, Grants
+from appliance.services.keys import Job, JobProgress, JobRunning, KeyService
 from frontends.admin import schemas
 from frontends.admin.errormap import to_http_error
 
@@ -55,8 +56,11 @@ class ApiError(Exception):
 class AdminApi:
     """Serves the admin API over ``AdminService``."""
 
-    def __init__(self, admin: AdminService, *, token: str | None) -> None:
+    def __init__(
+        self, admin: AdminService, keys: KeyService | None = None, *, token: str | None
+    ) -> None:
         self._admin = admin
+        self._keys = keys
         self._token = token
 
     # -- wiring ----------------------------------------------------------------------
@@ -121,6 +125,32 @@ class AdminApi:
             ),
             Route(
                 "DELETE", "/keys/{access_key}", self._delete_key, "Delete an access key", status=204
+            ),
+            Route(
+                "GET",
+                "/encryption",
+                self._encryption,
+                "Master keys, chunks per key, key jobs",
+                answer=m.EncryptionOut,
+            ),
+            Route(
+                "POST",
+                "/encryption/jobs/{job}",
+                self._start_job,
+                "Start or resume a key job: rotate, encrypt, decrypt (runs in the background)",
+                m.JobIn,
+                m.JobOut,
+                status=202,
+            ),
+            Route(
+                "GET", "/encryption/jobs/{job}", self._job, "A key job's progress", answer=m.JobOut
+            ),
+            Route(
+                "DELETE",
+                "/encryption/jobs/{job}",
+                self._stop_job,
+                "Stop a key job started by this instance (resumable)",
+                answer=m.JobOut,
             ),
             Route(
                 "GET",
@@ -233,6 +263,48 @@ class AdminApi:
             ]
         )
 
+    # -- encryption --------------------------------------------------------------------
+    def _key_service(self) -> KeyService:
+        if self._keys is None:
+            raise ApiError(404, "NotAvailable", "key jobs are not available on this instance")
+        return self._keys
+
+    async def _encryption(self, _: web.Request) -> web.Response:
+        status = await self._key_service().status()
+        return _json(
+            schemas.EncryptionOut(
+                current_key_id=status.current_key_id,
+                configured_key_ids=list(status.configured_key_ids),
+                chunks_by_key=status.chunks_by_key,
+                jobs={name: _job(p) for name, p in status.jobs.items()},
+            )
+        )
+
+    async def _start_job(self, request: web.Request) -> web.Response:
+        job = _job_name(request)
+        body = await _parse(request, schemas.JobIn, empty_ok=True)
+        if body.new_vault_version and job is not Job.ROTATE:
+            raise ApiError(400, "InvalidRequest", "new_vault_version applies to rotate only")
+        try:
+            progress = await self._key_service().start(
+                job, new_vault_version=body.new_vault_version
+            )
+        except JobRunning as exc:
+            raise ApiError(409, "JobRunning", str(exc) or f"{job} is running") from exc
+        return _json(_job(progress), 202)
+
+    async def _job(self, request: web.Request) -> web.Response:
+        progress = await self._key_service().progress(_job_name(request))
+        if progress is None:
+            raise ApiError(404, "NoSuchJob", "this job never ran")
+        return _json(_job(progress))
+
+    async def _stop_job(self, request: web.Request) -> web.Response:
+        progress = await self._key_service().stop(_job_name(request))
+        if progress is None:
+            raise ApiError(404, "NoSuchJob", "this job never ran")
+        return _json(_job(progress))
+
     # -- OpenAPI ---------------------------------------------------------------------
     async def _openapi(self, _: web.Request) -> web.Response:
         return web.json_response(self.openapi())
@@ -326,6 +398,29 @@ def _key(info: AccessKeyInfo) -> schemas.KeyOut:
         description=info.description,
         created_at=info.created_at,
         grants={b: sorted(str(p) for p in perms) for b, perms in info.grants.items()},
+    )
+
+
+def _job_name(request: web.Request) -> Job:
+    try:
+        return Job(request.match_info["job"])
+    except ValueError as exc:
+        names = ", ".join(j.value for j in Job)
+        raise ApiError(404, "NoSuchJob", f"key jobs are {names}") from exc
+
+
+def _job(progress: JobProgress) -> schemas.JobOut:
+    return schemas.JobOut(
+        job=progress.job.value,
+        state=progress.state.value,
+        target=progress.target,
+        total=progress.total,
+        done=progress.done,
+        changed=progress.changed,
+        bytes_rewritten=progress.bytes_rewritten,
+        error=progress.error,
+        started_at=progress.started_at,
+        updated_at=progress.updated_at,
     )
 
 

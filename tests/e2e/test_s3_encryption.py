@@ -4,6 +4,7 @@ hold afterwards (no bucket name, key, metadata or plaintext in any blob key or b
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +156,53 @@ def test_tampered_blobs_give_errors_never_wrong_bytes(daemon_factory: DaemonFact
         s3.get_object(Bucket=SECRET_BUCKET, Key="t.bin")
     assert failed.value.response["Error"]["Code"] == "InternalError"
     assert failed.value.response["ResponseMetadata"]["HTTPStatusCode"] == 500
+
+
+def test_key_jobs_through_the_admin_api(daemon_factory: DaemonFactory) -> None:
+    import time
+
+    daemon = daemon_factory(DaemonSpec("sqlite", encryption="inline"))
+    s3 = daemon.client(access_key="E2ESECRETKEY0001", secret_key=SECRET_KEY)
+    for i in range(5):
+        s3.put_object(Bucket=SECRET_BUCKET, Key=f"k{i}", Body=os.urandom(1000 + i))
+    status, state = daemon.admin("GET", "/encryption")
+    assert status == 200
+    current = state["current_key_id"]
+    assert current.startswith("local:") and state["chunks_by_key"].get(current, 0) >= 5
+    status, started = daemon.admin("POST", "/encryption/jobs/rotate")
+    assert status == 202 and started["job"] == "rotate"
+    deadline = time.monotonic() + 30
+    while True:
+        status, progress = daemon.admin("GET", "/encryption/jobs/rotate")
+        if progress["state"] != "running" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert progress["state"] == "done", progress
+    assert daemon.admin("GET", "/encryption")[1]["jobs"]["rotate"]["state"] == "done"
+    assert daemon.admin("POST", "/encryption/jobs/shuffle")[0] == 404
+    bad = daemon.admin("POST", "/encryption/jobs/encrypt", {"new_vault_version": True})
+    assert bad[0] == 400
+    assert daemon.admin("GET", "/encryption/jobs/decrypt")[0] == 404  # never ran
+
+
+def test_cairn_admin_encryption_cli(daemon_factory: DaemonFactory) -> None:
+    from tests.e2e.conftest import ADMIN_TOKEN
+
+    daemon = daemon_factory(DaemonSpec("sqlite", encryption="inline"))
+    env = {
+        **daemon.client_env(),
+        "CAIRN_ADMIN_URL": f"http://127.0.0.1:{daemon.admin_port}",
+        "CAIRN_ADMIN_TOKEN": ADMIN_TOKEN,
+    }
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "frontends.cli", "admin", *args],
+            capture_output=True, text=True, timeout=60, check=False, env=env,
+        )  # fmt: skip
+
+    status = run("encryption", "status")
+    assert status.returncode == 0 and "current key: local:" in status.stdout
+    started = run("encryption", "start", "rotate")
+    assert started.returncode == 0 and started.stdout.startswith("rotate")
+    assert run("encryption", "start", "shuffle").returncode == 2
