@@ -220,6 +220,8 @@ class Part:
     size: int
     etag: str
     created_at: datetime
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """What the part's upload stored with it (e.g. its ``x-amz-checksum-*``)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1300,12 +1300,19 @@ class SqlMetadataStore(abc.ABC):
         return row
 
     async def put_part(
-        self, upload_id: str, part_number: int, version_id: str, *, size: int, etag: str
+        self,
+        upload_id: str,
+        part_number: int,
+        version_id: str,
+        *,
+        size: int,
+        etag: str,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         async def work(tx: Tx) -> None:
             await self._locked_upload(tx, upload_id)
             await self._uploading(tx, version_id, VersionKind.PART)
-            await self._complete(tx, version_id, size, etag, None, None)
+            await self._complete(tx, version_id, size, etag, headers, None)
             old = await tx.fetchrow(
                 "SELECT version_id FROM parts WHERE upload_id = $1 AND part_number = $2",
                 upload_id,
@@ -1331,8 +1338,10 @@ class SqlMetadataStore(abc.ABC):
     async def list_parts(self, upload_id: str, *, marker: int = 0, limit: int = 1000) -> list[Part]:
         async def work(tx: Tx) -> list[Part]:
             rows = await tx.fetch(
-                "SELECT * FROM parts WHERE upload_id = $1 AND part_number > $2 "
-                "ORDER BY part_number LIMIT $3",
+                "SELECT p.*, v.headers AS part_headers FROM parts p "
+                "JOIN versions v ON v.version_id = p.version_id "
+                "WHERE p.upload_id = $1 AND p.part_number > $2 "
+                "ORDER BY p.part_number LIMIT $3",
                 upload_id,
                 marker,
                 limit,
@@ -1345,6 +1354,7 @@ class SqlMetadataStore(abc.ABC):
                     r["size"],
                     r["etag"],
                     from_micros(r["created_at"]),
+                    _loads(r["part_headers"]),
                 )
                 for r in rows
             ]

@@ -335,7 +335,14 @@ class MetadataStore(Protocol):
     ) -> list[MultipartUpload]: ...
 
     async def put_part(
-        self, upload_id: str, part_number: int, version_id: str, *, size: int, etag: str
+        self,
+        upload_id: str,
+        part_number: int,
+        version_id: str,
+        *,
+        size: int,
+        etag: str,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         """Complete an UPLOADING part version and attach it, replacing any earlier
         upload of that part number. Raises ``NotFound`` (upload) or ``Conflict``."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import secrets
-from collections.abc import AsyncIterable, Mapping, Sequence
+from collections.abc import AsyncIterable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from appliance.clock import utcnow
@@ -152,8 +152,11 @@ class MultipartService:
         *,
         size: int | None,
         content_md5: bytes | None = None,
+        late_headers: Callable[[], Mapping[str, str]] | None = None,
     ) -> WriteResult:
-        """Store one part (replacing an earlier upload of that number).
+        """Store one part (replacing an earlier upload of that number). ``late_headers``
+        is called once the body is read (checksums from aws-chunked trailers) and stored
+        with the part.
 
         Raises ``NoSuchUpload`` (also when aborted meanwhile), ``IncompleteBody``,
         ``BadDigest`` and the chunk store's errors.
@@ -171,6 +174,7 @@ class MultipartService:
                 version.version_id,
                 size=result.size,
                 etag=result.etag,
+                headers=dict(late_headers()) if late_headers is not None else None,
             )
         except meta_errors.NotFound as exc:
             await self._objects.abort(version.version_id)
@@ -222,6 +226,10 @@ class MultipartService:
     ) -> list[Part]:
         return await self._store.list_parts(upload.upload_id, marker=marker, limit=limit)
 
+    async def all_parts(self, upload: MultipartUpload) -> dict[int, Part]:
+        """Every part of an upload, by number (paged from the store)."""
+        return await self._all_parts(upload.upload_id)
+
     async def _all_parts(self, upload_id: str) -> dict[int, Part]:
         found: dict[int, Part] = {}
         marker = 0
@@ -238,8 +246,10 @@ class MultipartService:
         parts: Sequence[tuple[int, str]],
         *,
         precondition: WritePrecondition | None = None,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> CompletedUpload:
-        """Assemble ``parts`` (number, ETag) into the key's new current version.
+        """Assemble ``parts`` (number, ETag) into the key's new current version;
+        ``extra_headers`` (e.g. the object's checksum) are stored with it.
 
         Raises ``InvalidPart`` (none listed, missing, or ETag differs), ``InvalidPartOrder``,
         ``EntityTooSmall`` (a part but the last under the minimum), ``NoSuchUpload``.
@@ -309,7 +319,10 @@ class MultipartService:
                 etag=etag,
                 manifest=(written.chunk, written.locations),
                 precondition=precondition,
-                extra_headers={PART_SIZES_HEADER: encode_part_sizes(sizes)},
+                extra_headers={
+                    **(extra_headers or {}),
+                    PART_SIZES_HEADER: encode_part_sizes(sizes),
+                },
             )
         except BaseException as exc:
             await chunks.undo(written.locations)

@@ -16,7 +16,7 @@ import logging
 import re
 import secrets
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
 from typing import Any
@@ -30,7 +30,13 @@ from multidict import CIMultiDict
 from appliance.clock import utcnow
 from appliance.data.cpu import CpuPool
 from appliance.errors import BucketExists, InvalidRange
-from appliance.meta.models import Credential, ObjectVersion, Permission, WritePrecondition
+from appliance.meta.models import (
+    Credential,
+    MultipartUpload,
+    ObjectVersion,
+    Permission,
+    WritePrecondition,
+)
 from appliance.names import is_valid_bucket_name
 from appliance.services.access import AccessService
 from appliance.services.admin import AdminService
@@ -42,8 +48,12 @@ from appliance.services.multipart import (
     part_range,
 )
 from appliance.services.objects import ObjectService, check_key
-from frontends.s3 import cors
+from frontends.s3 import cors, mpchecksums
 from frontends.s3 import xml as s3xml
+from frontends.s3.checksums import (
+    CHECKSUM_PREFIX,
+    ChecksumAlgorithm,
+)
 from frontends.s3.chunked import RequestBody, strip_aws_chunked
 from frontends.s3.errormap import to_s3_error
 from frontends.s3.errors import S3Error
@@ -205,6 +215,50 @@ _COPY_RANGE = re.compile(r"bytes=(\d{1,19})-(\d{1,19})")
 
 INTERNAL_HEADER_PREFIX = "x-cairn-"
 """Stored headers of Cairn's own (part sizes...): never sent to clients."""
+
+
+WANTED_ALGORITHM = "x-cairn-checksum-algorithm"
+WANTED_TYPE = "x-cairn-checksum-type"
+CHECKSUM_TYPE_HEADER = "x-amz-checksum-type"
+
+
+def _stored_checksums(headers: Mapping[str, str]) -> dict[ChecksumAlgorithm, str]:
+    """The ``x-amz-checksum-<algorithm>`` values among stored headers."""
+    found: dict[ChecksumAlgorithm, str] = {}
+    for name, value in headers.items():
+        algorithm = ChecksumAlgorithm.from_header(name)
+        if algorithm is not None:
+            found[algorithm] = value
+    return found
+
+
+def _requested_checksum(request: web.Request) -> dict[str, str]:
+    """What CreateMultipartUpload asks for (``x-amz-checksum-algorithm``/``-type``), as
+    internal stored headers. Raises ``InvalidRequest`` for an unknown value."""
+    raw = request.headers.get("x-amz-checksum-algorithm")
+    kind = request.headers.get("x-amz-checksum-type")
+    if raw is None:
+        if kind is not None:
+            raise S3Error("InvalidRequest", "x-amz-checksum-type needs x-amz-checksum-algorithm.")
+        return {}
+    try:
+        algorithm = ChecksumAlgorithm(raw.strip().lower())
+    except ValueError as exc:
+        raise S3Error("InvalidRequest", f"Checksum algorithm {raw!r} is not supported.") from exc
+    chosen = (kind or "").strip().upper() or (
+        mpchecksums.FULL_OBJECT
+        if algorithm is ChecksumAlgorithm.CRC64NVME
+        else mpchecksums.COMPOSITE
+    )
+    if chosen not in (mpchecksums.COMPOSITE, mpchecksums.FULL_OBJECT) or (
+        chosen == mpchecksums.FULL_OBJECT and not mpchecksums.combinable(algorithm)
+    ):
+        raise S3Error(
+            "InvalidRequest",
+            f"The {chosen} checksum type cannot be used with the "
+            f"{algorithm.display_name} checksum algorithm.",
+        )
+    return {WANTED_ALGORITHM: algorithm.display_name, WANTED_TYPE: chosen}
 
 
 def _part_number_param(req: _Request) -> int | None:
@@ -703,11 +757,17 @@ class S3Frontend:
             if "uploads" in query:
                 _refuse_unsupported_writes(req.http, conditional=False, object_level=True)
                 headers, meta = _stored_headers(req.http)
+                wanted = _requested_checksum(req.http)
+                headers.update(wanted)
                 upload = await self._multipart.create(
                     req.bucket, req.key, headers=headers, user_metadata=meta
                 )
                 body = s3xml.render_initiate_multipart_upload(req.bucket, req.key, upload.upload_id)
-                return web.Response(body=body, content_type="application/xml")
+                answer = web.Response(body=body, content_type="application/xml")
+                if WANTED_ALGORITHM in wanted:
+                    answer.headers["x-amz-checksum-algorithm"] = wanted[WANTED_ALGORITHM]
+                    answer.headers["x-amz-checksum-type"] = wanted[WANTED_TYPE]
+                return answer
             if "uploadId" in query:
                 _refuse_unsupported_writes(req.http, conditional=False, object_level=False)
                 return await self._complete(req)
@@ -915,7 +975,12 @@ class S3Frontend:
         content_md5 = _content_md5(req.http)
         body = self._body(req.http, md5_by_writer=True)
         result = await self._multipart.upload_part(
-            upload, part_number, body, size=size, content_md5=content_md5
+            upload,
+            part_number,
+            body,
+            size=size,
+            content_md5=content_md5,
+            late_headers=lambda: {alg.header: value for alg, value in body.checksums.items()},
         )
         response = web.Response(headers={"ETag": s3xml.quote_etag(result.etag)})
         for algorithm, value in body.checksums.items():
@@ -926,14 +991,74 @@ class S3Frontend:
         upload = await self._multipart.get(req.query["uploadId"], req.bucket, req.key)
         raw = await s3xml.read_xml_body(self._body(req.http))
         parts = s3xml.parse_complete_multipart_upload(raw)
+        checksum = await self._object_checksum(req, upload, parts)
         done = await self._multipart.complete(
             upload,
             [(p.part_number, p.etag) for p in parts],
             precondition=_write_precondition(req.http),
+            extra_headers=checksum,
         )
         location = f"/{req.bucket}/{req.key}"
-        body = s3xml.render_complete_multipart_upload(location, done.bucket, done.key, done.etag)
+        shown = {
+            alg.display_name: value
+            for name, value in checksum.items()
+            if (alg := ChecksumAlgorithm.from_header(name)) is not None
+        }
+        body = s3xml.render_complete_multipart_upload(
+            location,
+            done.bucket,
+            done.key,
+            done.etag,
+            checksums=shown,
+            checksum_type=checksum.get(CHECKSUM_TYPE_HEADER),
+        )
         return web.Response(body=body, content_type="application/xml")
+
+    async def _object_checksum(
+        self, req: _Request, upload: MultipartUpload, listed: Sequence[s3xml.CompletedPart]
+    ) -> dict[str, str]:
+        """The stored checksum headers of the object a completion makes, computed from
+        its parts' checksums (``frontends.s3.mpchecksums``); empty when the parts do not
+        all carry one. Raises ``InvalidPart`` when a part's checksum in the request
+        differs from the one stored, and ``BadDigest`` when a full-object checksum sent
+        with the completion differs from the one computed."""
+        stored = await self._multipart.all_parts(upload)
+        per_part: list[dict[ChecksumAlgorithm, str]] = []
+        sizes: list[int] = []
+        for item in listed:
+            part = stored.get(item.part_number)
+            if part is None:
+                return {}  # the completion itself reports the missing part
+            found = _stored_checksums(part.headers)
+            for name, value in item.checksums.items():
+                algorithm = ChecksumAlgorithm.from_header(CHECKSUM_PREFIX + name.lower())
+                if algorithm is not None and found.get(algorithm, value) != value:
+                    raise S3Error(
+                        "InvalidPart",
+                        f"The {algorithm.display_name} checksum of part {item.part_number} "
+                        "does not match the uploaded part.",
+                    )
+            per_part.append(found)
+            sizes.append(part.size)
+        requested = upload.headers.get(WANTED_ALGORITHM)
+        choice = mpchecksums.choose(
+            ChecksumAlgorithm(requested.lower()) if requested else None,
+            upload.headers.get(WANTED_TYPE),
+            per_part,
+        )
+        if choice is None:
+            return {}
+        algorithm, kind = choice
+        values = [found[algorithm] for found in per_part]
+        if kind == mpchecksums.FULL_OBJECT:
+            value = mpchecksums.full_object(algorithm, list(zip(values, sizes, strict=True)))
+            sent = req.http.headers.get(algorithm.header)
+            if sent is not None and sent != value:
+                raise S3Error("BadDigest", f"The {algorithm.display_name} you specified did not "
+                              "match the calculated checksum.")  # fmt: skip
+        else:
+            value = mpchecksums.composite(algorithm, values)
+        return {algorithm.header: value, CHECKSUM_TYPE_HEADER: kind}
 
     async def _list_parts(self, req: _Request) -> web.Response:
         upload = await self._multipart.get(req.query["uploadId"], req.bucket, req.key)
@@ -948,7 +1073,16 @@ class S3Frontend:
             upload_id=upload.upload_id,
             max_parts=max_parts,
             is_truncated=truncated,
-            parts=[s3xml.PartInfo(p.part_number, p.created_at, p.etag, p.size) for p in parts],
+            parts=[
+                s3xml.PartInfo(
+                    p.part_number,
+                    p.created_at,
+                    p.etag,
+                    p.size,
+                    {a.display_name: v for a, v in _stored_checksums(p.headers).items()},
+                )
+                for p in parts
+            ],
             part_number_marker=marker,
             next_part_number_marker=parts[-1].part_number if parts else None,
         )
@@ -1039,14 +1173,11 @@ class S3Frontend:
         marker = _int_param(headers, "x-amz-part-number-marker", 0, high=MAX_PART_NUMBER)
         version = (await self._objects.open_object(req.bucket, req.key)).version
         _check_conditions(req.http, version)
-        checksums = {
-            name[len(CHECKSUM_HEADER_PREFIX) :].upper(): value
-            for name, value in version.headers.items()
-            if name.lower().startswith(CHECKSUM_HEADER_PREFIX)
-        }
+        checksums = {a.display_name: v for a, v in _stored_checksums(version.headers).items()}
         attributes = s3xml.ObjectAttributes(
             etag=version.etag if "ETag" in asked else None,
             checksums=checksums if "Checksum" in asked else None,
+            checksum_type=version.headers.get(CHECKSUM_TYPE_HEADER) if checksums else None,
             storage_class="STANDARD" if "StorageClass" in asked else None,
             size=version.size if "ObjectSize" in asked else None,
         )

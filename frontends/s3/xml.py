@@ -889,6 +889,7 @@ class ObjectAttributes:
     etag: str | None = None
     checksums: Mapping[str, str] | None = None
     """``CRC32``... → base64 value."""
+    checksum_type: str | None = None
     storage_class: str | None = None
     size: int | None = None
     parts_total: int | None = None
@@ -904,7 +905,8 @@ def render_object_attributes(attributes: ObjectAttributes) -> bytes:
     a = attributes
     body = [_opt("ETag", a.etag)]
     if a.checksums:
-        body.append(f"<Checksum>{_checksums(a.checksums)}</Checksum>")
+        kind = _opt("ChecksumType", a.checksum_type)
+        body.append(f"<Checksum>{_checksums(a.checksums)}{kind}</Checksum>")
     if a.parts_total is not None:
         parts = "".join(
             f"<Part>{_el('PartNumber', n)}{_el('Size', size)}</Part>" for n, size in a.parts
