@@ -43,7 +43,9 @@ from appliance.meta.models import BackendSpec, Permission
 from appliance.meta.postgres import PostgresMetadataStore
 from appliance.meta.sqlite import SqliteMetadataStore
 from appliance.meta.store import MetadataStore
+from appliance.placement.health import Breakers
 from appliance.placement.pool import PoolState
+from appliance.placement.replication import ReplicationPolicy
 from appliance.placement.router import BackendState, Placement, Router
 from appliance.placement.usage import Caps, UsageMeter
 from appliance.services.access import AccessService
@@ -52,8 +54,9 @@ from appliance.services.bucketconfig import BucketConfigService
 from appliance.services.keys import KeyService
 from appliance.services.multipart import MultipartService
 from appliance.services.objects import ObjectService
+from appliance.services.replication import ReplicationScanner, ReplicationWorker
 from appliance.services.sealing import SecretSealer
-from appliance.services.workers import GcWorker, Janitor
+from appliance.services.workers import GcWorker, HealthChecker, Janitor
 from backends.base import Backend
 from backends.diskcache import DiskCache, DiskCacheBusy, DiskCachedBackend
 from backends.local import LocalBackend
@@ -164,6 +167,9 @@ class Pool:
     multipart: MultipartService
     gc: GcWorker
     janitor: Janitor
+    replication: ReplicationWorker
+    scanner: ReplicationScanner
+    health: HealthChecker
     access: AccessService
     admin: AdminService
     bucket_config: BucketConfigService
@@ -262,6 +268,17 @@ def wrap_chunks(chunks: ChunkStorage, config: CacheConfig) -> ChunkStorage:
     )
 
 
+def replication_policy(config: CairnConfig) -> ReplicationPolicy:
+    """The pool's replication factor, write quorum and per-bucket factors."""
+    return ReplicationPolicy(
+        factor=config.pool.replication.factor,
+        write_quorum=config.pool.replication.write_quorum,
+        buckets={
+            b.name: b.replication_factor for b in config.buckets if b.replication_factor is not None
+        },
+    )
+
+
 async def _pool_secret(store: MetadataStore) -> str:
     return await store.setdefault_setting(POOL_SECRET_SETTING, secrets.token_hex(32))
 
@@ -329,13 +346,20 @@ async def open_pool(
             # outermost: a disk-cache hit makes no backend call and counts no usage
             backends[spec.name] = DiskCachedBackend(backend, disk) if disk else backend
         states = {b.name: BackendState.READ_ONLY for b in config.backends if b.read_only}
+        health = config.pool.health
         state = PoolState(
             store,
             list(backends.values()),
             Router(Placement(config.pool.placement)),
             meter,
             states=states,
+            groups={b.name: b.group for b in config.backends},
+            replica_timeouts={b.name: b.replica_timeout for b in config.backends},
+            breakers=Breakers(
+                backends, threshold=health.failure_threshold, cooldown=health.open_seconds
+            ),
         )
+        replication = replication_policy(config)
         bucket_config = BucketConfigService(store)
         admin = AdminService(store, access, sealer, state, bucket_config)
         policy = EncryptionPolicy(
@@ -344,7 +368,7 @@ async def open_pool(
             prefix_secret=prefix_secret(pool_secret),
         )
         encrypting = EncryptingChunkStore(
-            ChunkStore(state, cpu, replicas=config.pool.replication_factor),
+            ChunkStore(state, cpu, policy=replication),
             keyring,
             cpu,
             policy,
@@ -365,6 +389,9 @@ async def open_pool(
             multipart=MultipartService(store, objects),
             gc=GcWorker(store, chunks),
             janitor=Janitor(store),
+            replication=ReplicationWorker(store, chunks, state, replication),
+            scanner=ReplicationScanner(store, state, replication),
+            health=HealthChecker(state),
             access=access,
             admin=admin,
             bucket_config=bucket_config,

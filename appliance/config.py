@@ -53,10 +53,12 @@ __all__ = [
     "CredentialConfig",
     "DatabaseConfig",
     "EncryptionConfig",
+    "HealthConfig",
     "KeySourceConfig",
     "LocalBackendConfig",
     "PoolConfig",
     "PostgresConfig",
+    "ReplicationConfig",
     "S3BackendConfig",
     "ServerConfig",
     "SqliteConfig",
@@ -387,6 +389,38 @@ _MIN_CHUNK = 64 * KiB
 _MAX_CHUNK = 512 * MiB
 
 
+class ReplicationConfig(BaseModel):
+    """Copies of every chunk (``factor``, each on a different backend and group) and how
+    many are written before a write is acknowledged (``write_quorum``); the rest are
+    made by the replication worker. See docs/replication.md."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    factor: int = Field(default=1, ge=1)
+    write_quorum: int = Field(default=1, ge=1)
+    scan_interval: float = Field(default=3600.0, gt=0)
+    """Seconds between full scans for chunks below (or above) their factor."""
+
+    @model_validator(mode="after")
+    def _check_quorum(self) -> ReplicationConfig:
+        if self.write_quorum > self.factor:
+            _raise_problems([(("write_quorum",), f"must not exceed factor ({self.factor})")])
+        return self
+
+
+class HealthConfig(BaseModel):
+    """Backend circuit breakers and the active health check (docs/replication.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    failure_threshold: int = Field(default=5, ge=1)
+    """Consecutive failed calls that open a backend's circuit."""
+    open_seconds: float = Field(default=30.0, gt=0)
+    """Seconds a circuit stays open before a probe may close it (half-open)."""
+    check_interval: float = Field(default=30.0, gt=0)
+    """Seconds between active health checks of every backend."""
+
+
 class PoolConfig(BaseModel):
     """How objects are cut into chunks and placed on backends."""
 
@@ -394,8 +428,29 @@ class PoolConfig(BaseModel):
 
     chunk_size: ByteSize = 8 * MiB
     placement: Literal["pack", "spread"] = "pack"
-    replication_factor: int = Field(default=1, ge=1)
+    replication: ReplicationConfig = ReplicationConfig()
+    health: HealthConfig = HealthConfig()
     gc_delay_seconds: int = Field(default=3600, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_replication_factor(cls, data: Any) -> Any:
+        # ``replication_factor: N`` (the first spelling) still means replication.factor.
+        if isinstance(data, Mapping) and "replication_factor" in data:
+            if data.get("replication") is not None:
+                raise ValueError(
+                    "replication_factor is the old spelling of replication.factor: "
+                    "set only replication.factor"
+                )
+            old = data["replication_factor"]
+            data = {k: v for k, v in data.items() if k != "replication_factor"}
+            data["replication"] = {"factor": old}
+        return data
+
+    @property
+    def replication_factor(self) -> int:
+        """The pool's default replication factor (``replication.factor``)."""
+        return self.replication.factor
 
     @field_validator("chunk_size")
     @classmethod
@@ -479,6 +534,12 @@ class _BackendBase(BaseModel):
     ingress_byte_limit: ByteSize | None = None
     """Bytes written per calendar month (UTC); None = unlimited."""
     read_only: bool = False
+    group: str | None = None
+    """Failure domain (e.g. the provider: ``aws``); replicas of a chunk go to distinct
+    groups. None = a group of its own."""
+    replica_timeout: float = Field(default=30.0, gt=0)
+    """Seconds a chunk read from this backend may take before the read moves on to the
+    next replica (the last replica gets no limit)."""
 
     @field_validator("name")
     @classmethod
@@ -638,6 +699,8 @@ class BucketConfig(BaseModel):
     credentials: list[CredentialConfig] = []
     encryption: bool | None = None
     """Encrypt this bucket's new writes; None = the pool default (``encryption.enabled``)."""
+    replication_factor: int | None = Field(default=None, ge=1)
+    """Copies of this bucket's chunks; None = ``pool.replication.factor``."""
 
     @model_validator(mode="before")
     @classmethod
@@ -879,19 +942,30 @@ class CairnConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_replication(self) -> CairnConfig:
-        wanted = self.pool.replication_factor
-        writable = sum(1 for b in self.backends if not b.read_only)
-        if wanted > writable:
-            _raise_problems(
-                [
-                    (
-                        ("pool", "replication_factor"),
-                        f"{wanted} replicas need {wanted} writable backends, but only "
-                        f"{writable} {'backend is' if writable == 1 else 'backends are'} "
-                        "writable (not read_only)",
-                    )
-                ]
+        writable = [b for b in self.backends if not b.read_only]
+        domains = len({b.group or f"\0{b.name}" for b in writable})
+        wanted: list[tuple[_Loc, int]] = [
+            (("pool", "replication", "factor"), self.pool.replication.factor)
+        ]
+        wanted += [
+            (("buckets", i, "replication_factor"), b.replication_factor)
+            for i, b in enumerate(self.buckets)
+            if b.replication_factor is not None
+        ]
+        problems: list[tuple[_Loc, str]] = []
+        for loc, factor in wanted:
+            if factor <= domains:
+                continue
+            if any(b.group for b in writable):
+                need = f"{factor} writable backends in distinct groups"
+                have = f"{domains} {'group is' if domains == 1 else 'groups are'}"
+            else:
+                need = f"{factor} writable backends"
+                have = f"{domains} {'backend is' if domains == 1 else 'backends are'}"
+            problems.append(
+                (loc, f"{factor} replicas need {need}, but only {have} writable (not read_only)")
             )
+        _raise_problems(problems)
         return self
 
 

@@ -113,15 +113,26 @@ def build_admin_app(pool: Pool) -> web.Application:
     return app
 
 
-def _start_workers(pool: Pool, stop: asyncio.Event) -> list[asyncio.Task[None]]:
-    """Background workers of ``worker``/``all`` mode, stopped by ``stop``."""
+def _start_workers(
+    pool: Pool, stop: asyncio.Event, *, background: bool = True
+) -> list[asyncio.Task[None]]:
+    """Workers stopped by ``stop``: the health check in every mode (circuit breakers are
+    per process), and with ``background`` (``worker``/``all`` mode) GC, the janitor,
+    usage flushing, replication and the replication scan."""
     from appliance.services.workers import UsageFlusher, run_forever
 
-    specs = [
-        ("gc", pool.gc.run_once, 5.0),
-        ("janitor", pool.janitor.run_once, 60.0),
-        ("usage", UsageFlusher(pool.meter).run_once, 10.0),
+    health = pool.config.pool.health
+    specs: list[tuple[str, Callable[[], Awaitable[int]], float]] = [
+        ("health", pool.health.run_once, health.check_interval),
     ]
+    if background:
+        specs += [
+            ("gc", pool.gc.run_once, 5.0),
+            ("janitor", pool.janitor.run_once, 60.0),
+            ("usage", UsageFlusher(pool.meter).run_once, 10.0),
+            ("replication", pool.replication.run_once, 2.0),
+            ("replication-scan", pool.scanner.run_once, pool.config.pool.replication.scan_interval),
+        ]
     return [
         asyncio.create_task(run_forever(name, step, interval=interval, stop=stop), name=name)
         for name, step, interval in specs
@@ -139,8 +150,7 @@ async def _run(config: CairnConfig, mode: str) -> int:
     admin_runner = web.AppRunner(build_admin_app(pool), handle_signals=False)
     workers: list[asyncio.Task[None]] = []
     try:
-        if mode in ("worker", "all"):
-            workers = _start_workers(pool, stop)
+        workers = _start_workers(pool, stop, background=mode in ("worker", "all"))
         if mode in ("api", "all"):
             await runner.setup()
             site = web.TCPSite(runner, config.server.host, config.server.port)

@@ -188,6 +188,17 @@ class CachingChunkStore:
     async def delete_blob(self, backend: str, blob_key: str) -> bool:
         return await self.inner.delete_blob(backend, blob_key)
 
+    async def replicate(
+        self,
+        chunk: Chunk,
+        sources: Sequence[Location],
+        count: int,
+        *,
+        keep: Sequence[str] = (),
+        rewrite: str | None = None,
+    ) -> tuple[tuple[Location, int | None], ...]:
+        return await self.inner.replicate(chunk, sources, count, keep=keep, rewrite=rewrite)
+
     # -- ChunkStorage: reads ----------------------------------------------------------
     async def read(
         self, chunk: Chunk, locations: Sequence[Location], start: int, end: int

@@ -163,7 +163,9 @@ class EncryptingChunkStore:
         else:
             await self._cpu.run(encrypt_into, data_key, header.chunk_id, payload, out)
         out.release()
-        locations = await self.inner.place(blob, blob_key, header.version_id, header.chunk_id)
+        locations = await self.inner.place(
+            blob, blob_key, header.version_id, header.chunk_id, bucket=bucket
+        )
         chunk = NewChunk(
             chunk_id=header.chunk_id,
             size=header.size,
@@ -172,7 +174,7 @@ class EncryptingChunkStore:
             wrapped_dek=wrapped,
             key_id=key_id,
         )
-        return WrittenChunk(chunk, locations)
+        return WrittenChunk(chunk, locations, self.inner.policy.factor_for(bucket))
 
     async def write_manifest(
         self, manifest: Manifest, blob_key: str, chunk_id: str, *, bucket: str | None = None
@@ -185,15 +187,48 @@ class EncryptingChunkStore:
         blob = encode_sealed_manifest(
             SealedManifest(manifest.version_id, chunk_id, wrapped, key_id, sealed)
         )
-        locations = await self.inner.place(blob, blob_key, manifest.version_id, chunk_id)
+        locations = await self.inner.place(
+            blob, blob_key, manifest.version_id, chunk_id, bucket=bucket
+        )
         chunk = NewChunk(chunk_id, 0, hashlib.sha256(blob).digest(), len(blob), wrapped, key_id)
-        return WrittenChunk(chunk, locations)
+        return WrittenChunk(chunk, locations, self.inner.policy.factor_for(bucket))
 
     async def undo(self, placed: Sequence[tuple[Location, int | None]]) -> None:
         await self.inner.undo(placed)
 
     async def delete_blob(self, backend: str, blob_key: str) -> bool:
         return await self.inner.delete_blob(backend, blob_key)
+
+    async def replicate(
+        self,
+        chunk: Chunk,
+        sources: Sequence[Location],
+        count: int,
+        *,
+        keep: Sequence[str] = (),
+        rewrite: str | None = None,
+    ) -> tuple[tuple[Location, int | None], ...]:
+        """As ``ChunkStore.replicate``; an encrypted chunk's copy is verified by
+        authenticating every segment (no key is needed for a manifest or a plain chunk).
+        Also raises ``KeyUnavailable``."""
+        if chunk.wrapped_dek is None or chunk.key_id is None or chunk.size == 0:
+            return await self.inner.replicate(chunk, sources, count, keep=keep, rewrite=rewrite)
+        data_key = await self.data_key(chunk.chunk_id, chunk.wrapped_dek, chunk.key_id)
+        header_len = chunk.stored_size - sealed_size(chunk.size)
+
+        async def check(chunk: Chunk, blob: bytes | bytearray, backend: str) -> None:
+            sealed = memoryview(blob)[header_len:]
+            try:
+                await self._cpu.run(
+                    decrypt_segments, data_key, chunk.chunk_id, chunk.size, 0, sealed
+                )
+            except AuthenticationFailed as exc:
+                log.error("chunk %s on %s failed authentication", chunk.chunk_id, backend)
+                raise DataCorrupted(str(exc)) from exc
+
+        return await self.inner.replicate(
+            chunk, sources, count, keep=keep, rewrite=rewrite, check=check
+        )
 
     # -- reads -----------------------------------------------------------------------
     async def read(

@@ -1,14 +1,19 @@
 """The chunk store: puts chunk blobs on backends and reads them back (DESIGN 3, 4, 6).
 
-Writes reserve quota before each blob write and try the Router's candidates in turn, so
-a full or failing backend sends the chunk to the next one. Reads try replicas in the
-Router's order, verify what they can (length always; SHA-256 when the whole chunk is
-read) and move on to the next replica on any error. Encryption and caching wrap this
-class and keep its interface.
+Writes reserve quota before each blob write and write the write quorum's replicas at
+once, on distinct backends and failure domains, trying the Router's next candidates
+when one fails, so a full or failing backend sends the chunk elsewhere. Replicas beyond
+the quorum are owed: the services queue them for the replication worker, which uses
+``replicate``. Reads try replicas in the Router's order, verify what they can (length
+always; SHA-256 when the whole chunk is read), and move on to the next replica after an
+error, a per-backend timeout or a checksum mismatch; a replica found corrupt or missing
+is queued for repair. Every backend call's result feeds that backend's circuit breaker.
+Encryption and caching wrap this class and keep its interface.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -24,10 +29,14 @@ from appliance.data.blobformat import (
 )
 from appliance.data.cpu import CpuPool
 from appliance.errors import BackendsUnavailable, DataCorrupted, NoCapacity
+from appliance.meta.errors import MetaError
 from appliance.meta.models import Chunk, Location, NewChunk
+from appliance.meta.store import REPLICATE_QUEUE
 from appliance.placement.pool import PoolState
+from appliance.placement.replication import ReplicationPolicy
+from appliance.placement.router import cap_problem
 from backends.base import BlobStream, ByteRange
-from backends.errors import BackendError
+from backends.errors import BackendError, BlobNotFound
 
 log = logging.getLogger("cairn.chunks")
 T = TypeVar("T")
@@ -35,10 +44,17 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class WrittenChunk:
-    """A chunk now on ``replicas`` backends; each location with its reservation id."""
+    """A chunk now on the write quorum's backends; each location with its reservation
+    id. ``wanted`` is the replication factor: the services queue the missing replicas."""
 
     chunk: NewChunk
     locations: tuple[tuple[Location, int | None], ...]
+    wanted: int = 1
+
+    @property
+    def missing(self) -> int:
+        """Replicas still owed (made by the replication worker)."""
+        return max(0, self.wanted - len(self.locations))
 
 
 class ChunkStorage(Protocol):
@@ -68,21 +84,38 @@ class ChunkStorage(Protocol):
         self, chunk: Chunk, locations: Sequence[Location], start: int, end: int
     ) -> bytes | bytearray: ...
 
+    async def replicate(
+        self,
+        chunk: Chunk,
+        sources: Sequence[Location],
+        count: int,
+        *,
+        keep: Sequence[str] = (),
+        rewrite: str | None = None,
+    ) -> tuple[tuple[Location, int | None], ...]: ...
+
 
 class ChunkStore:
     """Writes and reads chunk blobs through the pool's backends."""
 
-    def __init__(self, pool: PoolState, cpu: CpuPool, *, replicas: int = 1) -> None:
+    def __init__(
+        self,
+        pool: PoolState,
+        cpu: CpuPool,
+        *,
+        replicas: int = 1,
+        policy: ReplicationPolicy | None = None,
+    ) -> None:
         if replicas < 1:
             raise ValueError("replicas must be at least 1")
         self._pool = pool
         self._cpu = cpu
-        self._replicas = replicas
+        self.policy = policy or ReplicationPolicy(replicas, replicas)
 
     @property
     def replicas(self) -> int:
-        """Replicas written per chunk."""
-        return self._replicas
+        """The pool's default replication factor."""
+        return self.policy.factor
 
     def blob_prefix(self, bucket: str, key: str) -> str:
         """The blob prefix of an object (``blobformat.object_prefix``, names in clear)."""
@@ -96,15 +129,17 @@ class ChunkStore:
         *,
         bucket: str | None = None,
     ) -> WrittenChunk:
-        """Store one chunk (header + payload) as ``blob_key`` on ``replicas`` backends.
+        """Store one chunk (header + payload) as ``blob_key`` on the write quorum of
+        ``bucket``'s replicas (distinct backends and groups).
 
-        ``bucket`` names the bucket the chunk is written for (wrappers use it for
-        per-bucket policies; this class ignores it). Raises ``NoCapacity`` when no
-        backend has room or cap left, and ``BackendsUnavailable`` when the candidates
-        with room all failed. Nothing is left reserved or written when it raises.
+        Raises ``NoCapacity`` when no backend has room or cap left (naming the caps in
+        the way), and ``BackendsUnavailable`` when the candidates with room all failed.
+        Nothing is left reserved or written when it raises.
         """
         blob = encode_chunk_header(header) + payload
-        locations = await self.place(blob, blob_key, header.version_id, header.chunk_id)
+        locations = await self.place(
+            blob, blob_key, header.version_id, header.chunk_id, bucket=bucket
+        )
         chunk = NewChunk(
             chunk_id=header.chunk_id,
             size=header.size,
@@ -113,65 +148,122 @@ class ChunkStore:
             wrapped_dek=header.wrapped_dek,
             key_id=header.key_id,
         )
-        return WrittenChunk(chunk, locations)
+        return WrittenChunk(chunk, locations, self.policy.factor_for(bucket))
 
     async def write_manifest(
         self, manifest: Manifest, blob_key: str, chunk_id: str, *, bucket: str | None = None
     ) -> WrittenChunk:
         """Store a version's manifest blob; it is recorded as a zero-length chunk."""
         blob = encode_manifest(manifest)
-        locations = await self.place(blob, blob_key, manifest.version_id, chunk_id)
+        locations = await self.place(blob, blob_key, manifest.version_id, chunk_id, bucket=bucket)
         chunk = NewChunk(chunk_id, 0, hashlib.sha256(blob).digest(), len(blob))
-        return WrittenChunk(chunk, locations)
+        return WrittenChunk(chunk, locations, self.policy.factor_for(bucket))
 
     async def place(
-        self, blob: bytes | bytearray, blob_key: str, owner: str, chunk_id: str
+        self,
+        blob: bytes | bytearray,
+        blob_key: str,
+        owner: str,
+        chunk_id: str,
+        *,
+        bucket: str | None = None,
+        count: int | None = None,
+        at_least: int | None = None,
+        exclude: Sequence[str] = (),
+        exclude_domains: Sequence[str] = (),
     ) -> tuple[tuple[Location, int | None], ...]:
-        """Write a finished blob on ``replicas`` backends, reserving quota for ``owner``
-        (a version id) first. Errors as ``write_chunk``; nothing is left on failure."""
+        """Write a finished blob on ``count`` backends (default: ``bucket``'s write
+        quorum) at once, reserving quota for ``owner`` (a version id) first; backends in
+        ``exclude`` and failure domains in ``exclude_domains`` are skipped, and no two
+        replicas share a domain. Returns once ``count`` are written, or fewer but at
+        least ``at_least`` (default ``count``) when no more backend can take it.
+
+        Errors as ``write_chunk``; nothing is left on failure.
+        """
+        want = self.policy.quorum_for(bucket) if count is None else count
+        need_min = want if at_least is None else at_least
         stored = len(blob)
-        store = self._pool.store
         placed: list[tuple[Location, int | None]] = []
-        tried: set[str] = set()
+        tried: set[str] = set(exclude)
+        domains: set[str] = set(exclude_domains)
         failures: list[str] = []
         try:
-            while len(placed) < self._replicas:
+            while len(placed) < want:
                 view = await self._pool.view()
+                by_name = view.by_name()
                 candidates = self._pool.router.write_candidates(
-                    view, stored, exclude=tried | {loc.backend for loc, _ in placed}
+                    view, stored, exclude=tried, exclude_domains=domains
                 )
-                if not candidates:
+                batch: list[str] = []
+                batch_domains: set[str] = set()
+                for name in candidates:
+                    domain = by_name[name].domain
+                    if domain not in batch_domains:
+                        batch.append(name)
+                        batch_domains.add(domain)
+                    if len(batch) == want - len(placed):
+                        break
+                if not batch:
                     break
-                name = candidates[0]
-                tried.add(name)
-                reservation = await store.reserve(name, stored, owner=owner)
-                if reservation is None:
-                    self._pool.invalidate()
-                    continue
-                self._pool.account(name, stored)
-                try:
-                    await self._pool.backend(name).put(blob_key, blob, size=stored)
-                except BackendError as exc:
-                    await store.release_reservation(reservation.reservation_id)
-                    self._pool.account(name, -stored)
-                    failures.append(f"{name}: {exc}")
-                    log.warning("chunk write to %s failed, trying the next backend: %s", name, exc)
-                    continue
-                placed.append(
-                    (Location(chunk_id, name, blob_key, stored), reservation.reservation_id)
+                reserved: list[tuple[str, int]] = []
+                for name in batch:
+                    tried.add(name)
+                    reservation = await self._pool.store.reserve(name, stored, owner=owner)
+                    if reservation is None:
+                        self._pool.invalidate()
+                        continue
+                    self._pool.account(name, stored)
+                    reserved.append((name, reservation.reservation_id))
+                results = await asyncio.gather(
+                    *(self._put(name, blob_key, blob) for name, _ in reserved),
+                    return_exceptions=True,
                 )
+                for (name, reservation_id), result in zip(reserved, results, strict=True):
+                    if isinstance(result, BaseException):
+                        await self._pool.store.release_reservation(reservation_id)
+                        self._pool.account(name, -stored)
+                        if not isinstance(result, BackendError):
+                            raise result
+                        failures.append(f"{name}: {result}")
+                        log.warning("chunk write to %s failed, trying another: %s", name, result)
+                        continue
+                    domains.add(by_name[name].domain)
+                    placed.append((Location(chunk_id, name, blob_key, stored), reservation_id))
         except BaseException:
             await self.undo(placed)
             raise
-        if len(placed) < self._replicas:
+        if len(placed) < need_min:
             await self.undo(placed)
             if failures:
                 raise BackendsUnavailable("could not store a chunk: " + "; ".join(failures))
-            raise NoCapacity(
-                f"no backend has room for {stored} more bytes "
-                "(every backend is full, read-only or past a monthly cap)"
-            )
+            raise NoCapacity(await self._no_room(stored, want, len(placed)))
         return tuple(placed)
+
+    async def _put(self, name: str, blob_key: str, blob: bytes | bytearray) -> None:
+        try:
+            await self._pool.backend(name).put(blob_key, blob, size=len(blob))
+        except BackendError as exc:
+            self._pool.report(name, exc)
+            raise
+        self._pool.report(name, None)
+
+    async def _no_room(self, nbytes: int, want: int, got: int) -> str:
+        """Why a write of ``nbytes`` found too few backends, naming caps and circuits."""
+        view = await self._pool.view()
+        reasons = []
+        for b in view.backends:
+            cap = cap_problem(b, nbytes, write=True)
+            if cap is not None:
+                reasons.append(cap)
+            elif b.circuit_open:
+                reasons.append(f"{b.name}: circuit open (failing)")
+            elif b.free_bytes is not None and b.free_bytes < nbytes:
+                reasons.append(f"{b.name}: full")
+            elif not b.can_take(nbytes):
+                reasons.append(f"{b.name}: {b.state.value}")
+        detail = "; ".join(reasons) or "every backend is full, read-only or past a monthly cap"
+        short = f" ({got} of {want} replicas placed)" if want > 1 else ""
+        return f"no backend has room for {nbytes} more bytes{short}: {detail}"
 
     async def undo(self, placed: Sequence[tuple[Location, int | None]]) -> None:
         """Delete blobs that were written but will not be recorded; release their quota."""
@@ -180,7 +272,7 @@ class ChunkStore:
             if reservation_id is not None:
                 await self._pool.store.release_reservation(reservation_id)
 
-    async def _digest(self, data: bytes | bytearray) -> bytes:
+    async def _digest(self, data: bytes | bytearray | memoryview) -> bytes:
         if len(data) < INLINE_HASH_LIMIT:
             return _sha256(data)
         return await self._cpu.run(_sha256, data)
@@ -190,8 +282,10 @@ class ChunkStore:
         try:
             await self._pool.backend(backend).delete(blob_key)
         except BackendError as exc:
+            self._pool.report(backend, exc)
             log.warning("could not delete blob %s on %s: %s", blob_key, backend, exc)
             return False
+        self._pool.report(backend, None)
         return True
 
     async def read(
@@ -219,6 +313,58 @@ class ChunkStore:
             chunk, locations, header_len + start, header_len + end, verify
         )
 
+    async def verify_blob(self, chunk: Chunk, blob: bytes | bytearray, backend: str) -> None:
+        """Check a whole stored blob of an unencrypted chunk or of a manifest against the
+        chunk's SHA-256. Raises ``DataCorrupted``."""
+        if chunk.size == 0:  # a manifest: the digest is of the whole blob
+            digest = await self._digest(blob)
+        else:
+            with memoryview(blob) as view:
+                digest = await self._digest(view[chunk.stored_size - chunk.size :])
+        if digest != chunk.sha256:
+            log.error("chunk %s on %s failed verification", chunk.chunk_id, backend)
+            raise DataCorrupted("checksum mismatch")
+
+    async def replicate(
+        self,
+        chunk: Chunk,
+        sources: Sequence[Location],
+        count: int,
+        *,
+        keep: Sequence[str] = (),
+        rewrite: str | None = None,
+        check: Callable[[Chunk, bytes | bytearray, str], Awaitable[None]] | None = None,
+    ) -> tuple[tuple[Location, int | None], ...]:
+        """Copy ``chunk``'s blob from a verified replica in ``sources`` to up to ``count``
+        more backends, none holding a replica in ``sources`` (except ``rewrite``, whose bad
+        or missing blob may be written again, same key, same bytes) nor sharing a failure
+        domain with the backends in ``keep``. Returns the new locations (at least one)
+        with their reservations, for the caller to record.
+
+        ``check`` verifies a whole stored blob (default ``verify_blob``; the encrypting
+        wrapper authenticates instead). Raises ``DataCorrupted`` or
+        ``BackendsUnavailable`` when no source gave good bytes, ``NoCapacity`` when no
+        backend can take a copy.
+        """
+        verify = check or self.verify_blob
+
+        async def checked(blob: bytes | bytearray, backend: str) -> bytes | bytearray:
+            await verify(chunk, blob, backend)
+            return blob
+
+        blob = await self.read_stored(chunk, sources, 0, chunk.stored_size, checked)
+        view = (await self._pool.view()).by_name()
+        return await self.place(
+            blob,
+            sources[0].blob_key,
+            f"replica:{chunk.chunk_id}",
+            chunk.chunk_id,
+            count=count,
+            at_least=1,
+            exclude=[loc.backend for loc in sources if loc.backend != rewrite],
+            exclude_domains=[view[name].domain for name in keep if name in view],
+        )
+
     async def read_stored(
         self,
         chunk: Chunk,
@@ -231,8 +377,11 @@ class ChunkStore:
         ``chunk``, passed through ``check(data, backend)`` — one ranged GET per replica
         tried, replicas in the Router's read order.
 
-        A replica whose bytes are short or for which ``check`` raises ``DataCorrupted``
-        is skipped. Raises ``DataCorrupted`` when every replica returned wrong bytes and
+        A replica that fails, is short, or for which ``check`` raises ``DataCorrupted``
+        is skipped; a missing or corrupt one is queued for repair. One that takes longer
+        than its backend's ``replica_timeout`` is put back at the end of the line and
+        tried once more without a limit when every other replica has failed.
+        Raises ``DataCorrupted`` when every replica returned wrong bytes and
         ``BackendsUnavailable`` when none could be read.
         """
         view = await self._pool.view()
@@ -240,33 +389,65 @@ class ChunkStore:
         order = self._pool.router.read_order(view, list(by_backend), end - start)
         problems: list[str] = []
         corrupt = 0
-        for name in order:
+        attempts: list[tuple[str, bool]] = [(name, True) for name in order]
+        while attempts:
+            name, limited = attempts.pop(0)
             location = by_backend[name]
+            timeout = self._pool.replica_timeout(name) if limited and attempts else None
             try:
-                stream = await self._pool.backend(name).get(
-                    location.blob_key, ByteRange(start, end)
-                )
-                try:
-                    data = await _collect(stream, end - start)
-                finally:
-                    await stream.aclose()
+                async with asyncio.timeout(timeout):
+                    data = await self._get(name, location.blob_key, start, end)
+            except TimeoutError:
+                self._pool.report(name, TimeoutError(f"no answer within {timeout} s"))
+                log.warning("chunk %s: %s timed out, trying the next replica", chunk.chunk_id, name)
+                attempts.append((name, False))  # once more without a limit, if all else fails
+                continue
+            except BlobNotFound as exc:
+                self._pool.report(name, None)
+                problems.append(f"{name}: {exc}")
+                await self._queue_repair(chunk.chunk_id, name)
+                continue
             except (BackendError, KeyError) as exc:
+                if isinstance(exc, BackendError):
+                    self._pool.report(name, exc)
                 problems.append(f"{name}: {exc}")
                 continue
+            self._pool.report(name, None)
             if len(data) != end - start:
                 corrupt += 1
                 problems.append(f"{name}: short read ({len(data)} of {end - start} bytes)")
+                await self._queue_repair(chunk.chunk_id, name)
                 continue
             try:
                 return await check(data, name)
             except DataCorrupted as exc:
                 corrupt += 1
                 problems.append(f"{name}: {exc}")
+                await self._queue_repair(chunk.chunk_id, name)
                 continue
         detail = "; ".join(problems) or "no replica recorded"
         if corrupt and corrupt == len(problems):
             raise DataCorrupted(f"chunk {chunk.chunk_id}: {detail}")
         raise BackendsUnavailable(f"chunk {chunk.chunk_id}: {detail}")
+
+    async def _get(self, name: str, blob_key: str, start: int, end: int) -> bytes | bytearray:
+        stream = await self._pool.backend(name).get(blob_key, ByteRange(start, end))
+        try:
+            return await _collect(stream, end - start)
+        finally:
+            await stream.aclose()
+
+    async def _queue_repair(self, chunk_id: str, backend: str) -> None:
+        """Queue the repair of a bad replica; a store that is away only costs a log line
+        (the replication scan finds the replica later)."""
+        try:
+            await self._pool.store.enqueue(
+                REPLICATE_QUEUE,
+                {"chunk_id": chunk_id, "bad": backend},
+                key=f"chunk:{chunk_id}:{backend}",
+            )
+        except MetaError as exc:
+            log.warning("could not queue the repair of chunk %s on %s: %s", chunk_id, backend, exc)
 
 
 INLINE_HASH_LIMIT = 256 * 1024
@@ -296,5 +477,5 @@ async def _collect(stream: BlobStream, expected: int) -> bytes | bytearray:
     return buffer
 
 
-def _sha256(data: bytes | bytearray) -> bytes:
+def _sha256(data: bytes | bytearray | memoryview) -> bytes:
     return hashlib.sha256(data).digest()

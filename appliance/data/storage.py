@@ -4,8 +4,11 @@
 whole interface that services, the encrypting layer and the cache implement; this module
 re-exports it and adds ``ChunkReader``, the read side alone. Contracts:
 
-- ``write_chunk`` / ``write_manifest`` store a new blob on the pool's replicas; nothing is
-  left reserved or written when they raise (``NoCapacity``, ``BackendsUnavailable``).
+- ``write_chunk`` / ``write_manifest`` store a new blob on the write quorum's replicas
+  (``WrittenChunk.missing`` more are owed to the replication worker); nothing is left
+  reserved or written when they raise (``NoCapacity``, ``BackendsUnavailable``).
+- ``replicate`` copies a chunk's verified blob to more backends (repair); the caller
+  records the new locations.
 - ``read`` returns the plaintext bytes ``[start, end)`` of a chunk, verified, or raises
   ``DataCorrupted`` / ``BackendsUnavailable``; the caller must not modify the buffer.
 - ``undo`` deletes blobs that were written but will not be recorded; ``delete_blob`` is

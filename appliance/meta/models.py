@@ -119,6 +119,16 @@ class ChunkRef:
 
 
 @dataclass(frozen=True, slots=True)
+class ChunkReplicas:
+    """A chunk, its replicas, and the buckets whose versions reference it (for the
+    replication factor it wants; empty for a chunk no version references)."""
+
+    chunk: Chunk
+    locations: tuple[Location, ...]
+    buckets: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ChunkPlacement:
     """What a reader needs for one ref: the ref, its chunk and where replicas are."""
 

@@ -35,6 +35,7 @@ from appliance.meta.models import (
     Chunk,
     ChunkPlacement,
     ChunkRef,
+    ChunkReplicas,
     CommitResult,
     Credential,
     KeyUpdate,
@@ -926,6 +927,70 @@ class SqlMetadataStore(abc.ABC):
             ]
 
         return await self._run(work)
+
+    async def get_chunk_replicas(self, chunk_id: str) -> ChunkReplicas | None:
+        async def work(tx: Tx) -> ChunkReplicas | None:
+            found = await self._chunk_replicas(tx, "c.chunk_id = $1", chunk_id, 1)
+            return found[0] if found else None
+
+        return await self._run(work)
+
+    async def scan_chunks(self, *, after: str = "", limit: int = 500) -> list[ChunkReplicas]:
+        async def work(tx: Tx) -> list[ChunkReplicas]:
+            return await self._chunk_replicas(
+                tx, "c.chunk_id > $1 AND c.refcount > 0", after, limit
+            )
+
+        return await self._run(work)
+
+    async def _chunk_replicas(
+        self, tx: Tx, where: str, arg: str, limit: int
+    ) -> list[ChunkReplicas]:
+        chunks = await tx.fetch(
+            "SELECT chunk_id, size, sha256, stored_size, refcount, created_at, wrapped_dek, "
+            f"key_id FROM chunks c WHERE {where} ORDER BY chunk_id LIMIT $2",
+            arg,
+            limit,
+        )
+        if not chunks:
+            return []
+        lo, hi = chunks[0]["chunk_id"], chunks[-1]["chunk_id"]
+        locations: dict[str, list[Location]] = {}
+        for r in await tx.fetch(
+            "SELECT chunk_id, backend, blob_key, stored_size FROM locations "
+            "WHERE chunk_id >= $1 AND chunk_id <= $2 ORDER BY chunk_id, backend",
+            lo,
+            hi,
+        ):
+            locations.setdefault(r["chunk_id"], []).append(
+                Location(r["chunk_id"], r["backend"], r["blob_key"], r["stored_size"])
+            )
+        buckets: dict[str, list[str]] = {}
+        for r in await tx.fetch(
+            "SELECT DISTINCT r.chunk_id, v.bucket FROM chunk_refs r "
+            "JOIN versions v ON v.version_id = r.version_id "
+            "WHERE r.chunk_id >= $1 AND r.chunk_id <= $2 ORDER BY r.chunk_id, v.bucket",
+            lo,
+            hi,
+        ):
+            buckets.setdefault(r["chunk_id"], []).append(r["bucket"])
+        return [
+            ChunkReplicas(
+                Chunk(
+                    chunk_id=r["chunk_id"],
+                    size=r["size"],
+                    sha256=bytes(r["sha256"]),
+                    stored_size=r["stored_size"],
+                    refcount=r["refcount"],
+                    created_at=from_micros(r["created_at"]),
+                    wrapped_dek=None if r["wrapped_dek"] is None else bytes(r["wrapped_dek"]),
+                    key_id=r["key_id"],
+                ),
+                tuple(locations.get(r["chunk_id"], ())),
+                tuple(buckets.get(r["chunk_id"], ())),
+            )
+            for r in chunks
+        ]
 
     async def claim_garbage(self, chunk_id: str) -> list[Location] | None:
         async def work(tx: Tx) -> list[Location] | None:

@@ -28,6 +28,7 @@ from appliance.meta.models import (
     Bucket,
     ChunkPlacement,
     ChunkRef,
+    ChunkReplicas,
     CommitResult,
     Credential,
     KeyUpdate,
@@ -48,6 +49,10 @@ from appliance.meta.models import (
 
 GC_QUEUE = "gc"
 """Queue of chunks whose refcount reached zero; payload ``{"chunk_id": ...}``."""
+REPLICATE_QUEUE = "replicate"
+"""Queue of chunks to bring to their replication factor: payload ``{"chunk_id": ...}``
+(key ``chunk:<id>``), or ``{"chunk_id": ..., "bad": <backend>}`` for a replica that
+failed verification or is missing (key ``chunk:<id>:<backend>``)."""
 
 
 class LeaderLock(Protocol):
@@ -239,6 +244,15 @@ class MetadataStore(Protocol):
         ...
 
     async def get_locations(self, chunk_id: str) -> list[Location]: ...
+
+    async def get_chunk_replicas(self, chunk_id: str) -> ChunkReplicas | None:
+        """A chunk with its replicas and referencing buckets; None when it is unknown."""
+        ...
+
+    async def scan_chunks(self, *, after: str = "", limit: int = 500) -> list[ChunkReplicas]:
+        """Referenced chunks (refcount > 0) with chunk id greater than ``after``, in chunk
+        id order, with their replicas and buckets (a resumable scan)."""
+        ...
 
     async def claim_garbage(self, chunk_id: str) -> list[Location] | None:
         """Locations of a chunk if it is unreferenced (to delete), else None."""

@@ -8,13 +8,17 @@ store's atomic reservation is what actually guards space.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 
 from appliance.meta.store import MetadataStore
+from appliance.placement.health import CLOSED, Breakers, counts_as_failure
 from appliance.placement.router import BackendState, BackendView, PoolView, Router
 from appliance.placement.usage import UsageMeter
 from backends.base import Backend
+
+log = logging.getLogger("cairn.pool")
 
 
 class PoolState:
@@ -28,6 +32,9 @@ class PoolState:
         meter: UsageMeter,
         *,
         states: Mapping[str, BackendState] | None = None,
+        groups: Mapping[str, str | None] | None = None,
+        replica_timeouts: Mapping[str, float] | None = None,
+        breakers: Breakers | None = None,
         max_age: float = 0.5,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -38,6 +45,9 @@ class PoolState:
         self._backends = {b.name: b for b in backends}
         self._states = {name: BackendState.ACTIVE for name in self._order}
         self._states.update(states or {})
+        self._groups = dict(groups or {})
+        self._timeouts = dict(replica_timeouts or {})
+        self.breakers = breakers or Breakers(self._order)
         self._max_age = max_age
         self._monotonic = monotonic
         self._view: PoolView | None = None
@@ -49,6 +59,26 @@ class PoolState:
 
     def names(self) -> list[str]:
         return list(self._order)
+
+    def replica_timeout(self, name: str) -> float | None:
+        """Seconds a chunk read from ``name`` may take before moving on (None = no limit)."""
+        return self._timeouts.get(name)
+
+    def report(self, name: str, error: BaseException | None) -> None:
+        """Feed the result of a call to ``name`` to its circuit breaker (None = success).
+        Errors that do not say the backend is unhealthy (a missing blob) count as success."""
+        breaker = self.breakers[name]
+        before = breaker.state
+        if error is None or not counts_as_failure(error):
+            breaker.success()
+        else:
+            breaker.failure(f"{type(error).__name__}: {error}")
+        if breaker.state != before:
+            if breaker.state == CLOSED:
+                log.info("backend %s: circuit closed", name)
+            else:
+                log.warning("backend %s: circuit %s (%s)", name, breaker.state, error)
+            self.invalidate()
 
     def set_state(self, name: str, state: BackendState) -> None:
         self._states[name] = state
@@ -93,6 +123,8 @@ class PoolState:
                     requests_left=left.requests,
                     ingress_left=left.ingress_bytes,
                     egress_left=left.egress_bytes,
+                    group=self._groups.get(name),
+                    circuit=self.breakers.state(name),
                 )
             )
         self._view = PoolView(tuple(views))

@@ -40,6 +40,19 @@ class BackendView:
     requests_left: int | None = None
     ingress_left: int | None = None
     egress_left: int | None = None
+    group: str | None = None
+    """Failure domain; replicas of a chunk go to distinct groups (None = its own)."""
+    circuit: str = "closed"
+    """The backend's circuit breaker: ``closed``, ``open`` or ``half_open``."""
+
+    @property
+    def domain(self) -> str:
+        """The failure domain replicas must not share: the group, else the name."""
+        return self.group if self.group is not None else "\0" + self.name
+
+    @property
+    def circuit_open(self) -> bool:
+        return self.circuit == "open"
 
     @property
     def free_bytes(self) -> int | None:
@@ -55,7 +68,7 @@ class BackendView:
 
     def can_take(self, nbytes: int) -> bool:
         """True when a write of ``nbytes`` fits space and caps right now."""
-        if self.state is not BackendState.ACTIVE:
+        if self.state is not BackendState.ACTIVE or self.circuit_open:
             return False
         if self.free_bytes is not None and self.free_bytes < nbytes:
             return False
@@ -65,7 +78,7 @@ class BackendView:
 
     def can_serve(self, nbytes: int) -> bool:
         """True when a read of ``nbytes`` is within its caps and it is reachable."""
-        if self.state is BackendState.OFFLINE:
+        if self.state is BackendState.OFFLINE or self.circuit_open:
             return False
         if self.requests_left is not None and self.requests_left < 1:
             return False
@@ -80,6 +93,18 @@ class PoolView:
         return {b.name: b for b in self.backends}
 
 
+def cap_problem(view: BackendView, nbytes: int, *, write: bool) -> str | None:
+    """Which monthly cap stops ``view`` from taking (``write``) or serving ``nbytes``,
+    for error messages; None when no cap is in the way."""
+    if view.requests_left is not None and view.requests_left < 1:
+        return f"{view.name}: monthly request cap reached"
+    if write and view.ingress_left is not None and view.ingress_left < nbytes:
+        return f"{view.name}: monthly ingress cap reached ({view.ingress_left} bytes left)"
+    if not write and view.egress_left is not None and view.egress_left < nbytes:
+        return f"{view.name}: monthly egress cap reached ({view.egress_left} bytes left)"
+    return None
+
+
 class Router:
     """Placement policy over a snapshot. Stateless apart from its settings."""
 
@@ -87,15 +112,27 @@ class Router:
         self._placement = placement
 
     def write_candidates(
-        self, view: PoolView, nbytes: int, *, exclude: Iterable[str] = ()
+        self,
+        view: PoolView,
+        nbytes: int,
+        *,
+        exclude: Iterable[str] = (),
+        exclude_domains: Iterable[str] = (),
     ) -> list[str]:
         """Backends that can take ``nbytes`` now, best first; replicas take distinct ones.
 
-        ``pack`` keeps configuration order (fill the first, then the next); ``spread``
-        prefers the lowest utilisation, then the most free space.
+        ``exclude`` names backends and ``exclude_domains`` failure domains
+        (``BackendView.domain``) already holding a replica. ``pack`` keeps configuration
+        order (fill the first, then the next); ``spread`` prefers the lowest utilisation,
+        then the most free space.
         """
         skip = set(exclude)
-        eligible = [b for b in view.backends if b.name not in skip and b.can_take(nbytes)]
+        domains = set(exclude_domains)
+        eligible = [
+            b
+            for b in view.backends
+            if b.name not in skip and b.domain not in domains and b.can_take(nbytes)
+        ]
         if self._placement is Placement.PACK:
             eligible.sort(key=lambda b: b.order)
         else:
@@ -111,8 +148,8 @@ class Router:
     def read_order(self, view: PoolView, backends: Sequence[str], nbytes: int) -> list[str]:
         """Replica backends in the order to try: servable ones first, by config order.
 
-        Backends not servable right now (offline, past a cap) come last rather than
-        never, so a read still has a chance when nothing better exists.
+        Backends not servable right now (offline, circuit open, past a cap) come last
+        rather than never, so a read still has a chance when nothing better exists.
         """
         known = view.by_name()
 

@@ -26,9 +26,10 @@ from appliance.errors import (
     NoSuchBucket,
 )
 from appliance.meta import errors as meta_errors
-from appliance.meta.models import Bucket, Credential, Permission
-from appliance.meta.store import MetadataStore
+from appliance.meta.models import Bucket, Credential, Permission, QueueItem
+from appliance.meta.store import GC_QUEUE, REPLICATE_QUEUE, MetadataStore
 from appliance.names import BUCKET_NAME_RULE, is_valid_bucket_name
+from appliance.placement.health import BreakerStatus
 from appliance.placement.pool import PoolState
 from appliance.placement.router import BackendView
 from appliance.services.access import WILDCARD, AccessService
@@ -43,6 +44,9 @@ MIN_ACCESS_KEY, MAX_ACCESS_KEY = 16, 128
 MIN_SECRET = 16
 
 Grants = Mapping[str, frozenset[Permission]]
+
+QUEUES = (GC_QUEUE, REPLICATE_QUEUE)
+"""The background queues the admin API shows: blob deletes (GC) and replication/repair."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +99,30 @@ class AdminService:
             return []
         self._pool.invalidate()
         return list((await self._pool.view()).backends)
+
+    def circuit(self, name: str) -> BreakerStatus | None:
+        """The circuit breaker of backend ``name`` (None without a pool or backend)."""
+        if self._pool is None or name not in self._pool.names():
+            return None
+        return self._pool.breakers[name].status()
+
+    # -- queues ----------------------------------------------------------------------
+    async def queue(self, name: str, *, limit: int = 100) -> tuple[dict[str, int], list[QueueItem]]:
+        """Items per state of a background queue and its dead-lettered items (oldest
+        first). Raises ``InvalidArgument`` for an unknown queue."""
+        if name not in QUEUES:
+            raise InvalidArgument(f"unknown queue {name!r}: use one of {', '.join(QUEUES)}")
+        return await self._store.queue_depth(name), await self._store.list_dead(name, limit)
+
+    async def retry_dead(self, name: str, item_id: int) -> None:
+        """Put a dead-lettered item of queue ``name`` back to work (attempts reset).
+        Raises ``InvalidArgument`` for an unknown queue or item."""
+        if name not in QUEUES:
+            raise InvalidArgument(f"unknown queue {name!r}: use one of {', '.join(QUEUES)}")
+        try:
+            await self._store.revive(item_id)
+        except meta_errors.NotFound as exc:
+            raise InvalidArgument(f"no dead item {item_id} in queue {name!r}") from exc
 
     # -- buckets ---------------------------------------------------------------------
     async def list_buckets(self) -> list[BucketInfo]:

@@ -37,7 +37,13 @@ from appliance.meta.models import (
     WritePrecondition,
 )
 from appliance.meta.store import MetadataStore
-from appliance.services.objects import ObjectHandle, ObjectService, WriteResult, check_key
+from appliance.services.objects import (
+    ObjectHandle,
+    ObjectService,
+    WriteResult,
+    check_key,
+    queue_missing_replicas,
+)
 
 MIN_PART_SIZE = 5 * 1024 * 1024
 MAX_PART_NUMBER = 10_000
@@ -333,6 +339,7 @@ class MultipartService:
             if isinstance(exc, meta_errors.NotFound):
                 raise NoSuchUpload(upload.upload_id) from exc
             raise
+        await queue_missing_replicas(self._store, written)
         return CompletedUpload(upload.bucket, upload.key, version_id, etag, offset)
 
     async def abort(self, upload: MultipartUpload) -> None:

@@ -42,7 +42,7 @@ from appliance.errors import (
 )
 from appliance.ids import new_sortable_id, successor_id
 from appliance.meta import errors as meta_errors
-from appliance.meta.errors import AlreadyExists, Conflict, NotFound, StoreUnavailable
+from appliance.meta.errors import AlreadyExists, Conflict, MetaError, NotFound, StoreUnavailable
 from appliance.meta.models import (
     Bucket,
     ChunkPlacement,
@@ -52,7 +52,7 @@ from appliance.meta.models import (
     VersionKind,
     WritePrecondition,
 )
-from appliance.meta.store import MetadataStore
+from appliance.meta.store import REPLICATE_QUEUE, MetadataStore
 
 log = logging.getLogger("cairn.objects")
 
@@ -94,6 +94,19 @@ class ObjectHandle:
 
 def _sha256(data: bytes | bytearray) -> bytes:
     return hashlib.sha256(data).digest()
+
+
+async def queue_missing_replicas(store: MetadataStore, written: WrittenChunk) -> None:
+    """Queue the replicas a recorded chunk still owes (beyond the write quorum) for the
+    replication worker. A store error only costs a log line: the replication scan finds
+    every chunk below its factor anyway."""
+    if not written.missing:
+        return
+    chunk_id = written.chunk.chunk_id
+    try:
+        await store.enqueue(REPLICATE_QUEUE, {"chunk_id": chunk_id}, key=f"chunk:{chunk_id}")
+    except MetaError as exc:
+        log.warning("could not queue replicas of chunk %s (the scan will): %s", chunk_id, exc)
 
 
 async def _cleanup(awaitable: Awaitable[object]) -> None:
@@ -276,6 +289,7 @@ class ChunkedWriter:
             if isinstance(exc, StoreUnavailable):
                 raise MetadataUnavailable(str(exc)) from exc
             raise
+        await queue_missing_replicas(self._store, written)
 
 
 class ObjectService:

@@ -1,4 +1,4 @@
-"""Background workers: garbage collection, the janitor, and usage flushing.
+"""Background workers: garbage collection, the janitor, usage flushing, health checks.
 
 Each worker has ``run_once`` (one bounded pass; returns how much it did, for tests and
 metrics) and is driven by ``run_forever``. They are safe to run in several instances at
@@ -18,7 +18,9 @@ from appliance.data.chunkstore import ChunkStorage
 from appliance.meta.backoff import Backoff
 from appliance.meta.errors import Conflict, MetaError
 from appliance.meta.store import GC_QUEUE, MetadataStore
+from appliance.placement.pool import PoolState
 from appliance.placement.usage import UsageMeter
+from backends.errors import BackendError, BlobNotFound
 
 log = logging.getLogger("cairn.workers")
 
@@ -128,3 +130,35 @@ async def run_forever(
             continue
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=interval)
+
+
+PROBE_KEY = "cairn-health-probe"
+"""The blob key the health check asks for (it never exists: ``BlobNotFound`` is healthy)."""
+
+
+class HealthChecker:
+    """Probes every backend (a HEAD of a key that does not exist) and feeds the result
+    to its circuit breaker, so a failed backend's circuit opens without client traffic
+    and a recovered one's closes."""
+
+    def __init__(self, pool: PoolState, *, timeout: float = 10.0) -> None:
+        self._pool = pool
+        self._timeout = timeout
+
+    async def check(self, name: str) -> bool:
+        """Probe one backend; True when it answered."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._pool.backend(name).head(PROBE_KEY)
+        except BlobNotFound:
+            pass
+        except (BackendError, TimeoutError) as exc:
+            self._pool.report(name, exc)
+            return False
+        self._pool.report(name, None)
+        return True
+
+    async def run_once(self) -> int:
+        """Probe all backends at once; returns 0 (nothing left for right away)."""
+        await asyncio.gather(*(self.check(name) for name in self._pool.names()))
+        return 0

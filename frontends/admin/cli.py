@@ -259,9 +259,31 @@ def backends_list(ctx: click.Context) -> None:
 
     def row(b: dict[str, Any]) -> str:
         quota = "unlimited" if b["quota_bytes"] is None else f"{b['quota_bytes']} quota"
-        return f"{b['name']:<20} {b['state']:<10} {b['used_bytes']:>16} used  {quota}"
+        circuit = b.get("circuit", "closed")
+        line = f"{b['name']:<20} {b['state']:<10} {b['used_bytes']:>16} used  {quota}"
+        line += f"  circuit {circuit}"
+        if b.get("group"):
+            line += f"  group {b['group']}"
+        if circuit != "closed" and b.get("last_error"):
+            line += f"  ({b['last_error']})"
+        return line
 
     _print(ctx, found, [row(b) for b in found])
+
+
+@admin.command("queue")
+@click.argument("name", type=click.Choice(["gc", "replicate"]))
+@click.pass_context
+def queue_show(ctx: click.Context, name: str) -> None:
+    """A background queue's items per state and its dead-lettered items."""
+    found = _client(ctx).call("GET", f"/queues/{name}")
+    depth = ", ".join(f"{n} {s}" for s, n in sorted(found["depth"].items())) or "empty"
+    lines = [f"{name}: {depth}"]
+    lines += [
+        f"  dead #{d['item_id']} {d['key']}: {d['attempts']} attempts, {d['last_error']}"
+        for d in found["dead"]
+    ]
+    _print(ctx, found, lines)
 
 
 # -- encryption jobs (in the running daemon) -----------------------------------------

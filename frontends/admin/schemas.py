@@ -4,7 +4,7 @@ schemas come from the same classes)."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -72,6 +72,32 @@ class BackendOut(BaseModel):
     requests_left: int | None
     ingress_left: int | None
     egress_left: int | None
+    group: str | None = None
+    circuit: str = "closed"
+    """The circuit breaker: ``closed``, ``open`` (writes go elsewhere, reads try it last)
+    or ``half_open`` (the next call decides)."""
+    consecutive_failures: int = 0
+    last_error: str | None = None
+
+
+class QueueItemOut(BaseModel):
+    item_id: int
+    key: str | None
+    payload: dict[str, Any]
+    attempts: int
+    max_attempts: int
+    state: str
+    last_error: str | None
+    created_at: datetime
+
+
+class QueueOut(BaseModel):
+    """A background queue: items per state, and the dead-lettered items (kept, never
+    dropped; ``POST .../dead/{item_id}`` retries one)."""
+
+    name: str
+    depth: dict[str, int]
+    dead: list[QueueItemOut]
 
 
 class JobOut(BaseModel):

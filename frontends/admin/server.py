@@ -160,6 +160,20 @@ class AdminApi:
                 answer=m.BackendOut,
                 many=True,
             ),
+            Route(
+                "GET",
+                "/queues/{queue}",
+                self._queue,
+                "A background queue (gc, replicate): items per state and dead-lettered items",
+                answer=m.QueueOut,
+            ),
+            Route(
+                "POST",
+                "/queues/{queue}/dead/{item_id}",
+                self._retry_dead,
+                "Retry a dead-lettered item (its attempts start again)",
+                status=204,
+            ),
         ]
 
     def install(self, app: web.Application) -> None:
@@ -258,10 +272,47 @@ class AdminApi:
                     requests_left=v.requests_left,
                     ingress_left=v.ingress_left,
                     egress_left=v.egress_left,
+                    group=v.group,
+                    circuit=v.circuit,
+                    consecutive_failures=c.consecutive_failures if c else 0,
+                    last_error=c.last_error if c else None,
                 )
                 for v in views
+                for c in [self._admin.circuit(v.name)]
             ]
         )
+
+    # -- queues ----------------------------------------------------------------------
+    async def _queue(self, request: web.Request) -> web.Response:
+        name = request.match_info["queue"]
+        depth, dead = await self._admin.queue(name)
+        return _json(
+            schemas.QueueOut(
+                name=name,
+                depth=depth,
+                dead=[
+                    schemas.QueueItemOut(
+                        item_id=d.item_id,
+                        key=d.key,
+                        payload=dict(d.payload),
+                        attempts=d.attempts,
+                        max_attempts=d.max_attempts,
+                        state=str(d.state),
+                        last_error=d.last_error,
+                        created_at=d.created_at,
+                    )
+                    for d in dead
+                ],
+            )
+        )
+
+    async def _retry_dead(self, request: web.Request) -> web.Response:
+        try:
+            item_id = int(request.match_info["item_id"])
+        except ValueError:
+            raise ApiError(400, "InvalidRequest", "item_id must be a number") from None
+        await self._admin.retry_dead(request.match_info["queue"], item_id)
+        return web.Response(status=204)
 
     # -- encryption --------------------------------------------------------------------
     def _key_service(self) -> KeyService:

@@ -50,7 +50,11 @@ def config(
 ) -> Any:
     raw: dict[str, Any] = {
         "database": database,
-        "pool": {"chunk_size": CHUNK, "gc_delay_seconds": 0, "replication_factor": replicas},
+        "pool": {
+            "chunk_size": CHUNK,
+            "gc_delay_seconds": 0,
+            "replication": {"factor": replicas, "write_quorum": replicas},
+        },
         "backends": [{"name": f"d{i}", "type": "local", "path": f"d{i}"} for i in range(3)],
         "buckets": buckets or [{"name": "secret-bucket-name"}],
         "encryption": {"enabled": enabled},

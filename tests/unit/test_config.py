@@ -380,7 +380,7 @@ def test_wrong_type_is_one_line_saying_expected_and_given() -> None:
             {"server": {"max_request_body": 0}},
             "server.max_request_body: must be greater than 0, got 0",
         ),
-        ({"pool": {"replication_factor": 0}}, "pool.replication_factor: must be at least 1, got 0"),
+        ({"pool": {"replication_factor": 0}}, "pool.replication.factor: must be at least 1, got 0"),
         ({"pool": {"gc_delay_seconds": -1}}, "pool.gc_delay_seconds: must be at least 0, got -1"),
         (
             {"pool": {"gc_delay_seconds": 1.5}},
@@ -605,7 +605,7 @@ def test_replication_needs_enough_writable_backends() -> None:
         backends=[local("a", "/a"), local("b", "/b", read_only=True)],
     )
     assert problems(data) == [
-        "pool.replication_factor: 2 replicas need 2 writable backends, but only 1 backend "
+        "pool.replication.factor: 2 replicas need 2 writable backends, but only 1 backend "
         "is writable (not read_only)"
     ]
     data["backends"][1]["read_only"] = False
