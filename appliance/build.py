@@ -39,6 +39,7 @@ from appliance.crypto.store import EncryptingChunkStore, EncryptionPolicy
 from appliance.data.chunkstore import ChunkStorage, ChunkStore
 from appliance.data.cpu import CpuPool
 from appliance.errors import BucketExists, KeyUnavailable
+from appliance.meta.backoff import Backoff
 from appliance.meta.models import BackendSpec, Permission
 from appliance.meta.postgres import PostgresMetadataStore
 from appliance.meta.sqlite import SqliteMetadataStore
@@ -389,7 +390,13 @@ async def open_pool(
             multipart=MultipartService(store, objects),
             gc=GcWorker(store, chunks),
             janitor=Janitor(store),
-            replication=ReplicationWorker(store, chunks, state, replication),
+            replication=ReplicationWorker(
+                store,
+                chunks,
+                state,
+                replication,
+                backoff=Backoff(base_seconds=config.pool.replication.retry_seconds),
+            ),
             scanner=ReplicationScanner(store, state, replication),
             health=HealthChecker(state),
             access=access,
