@@ -2,7 +2,8 @@
 
 It serves the S3 API, ``/health`` (the process is up) and ``/health/ready`` (the
 metadata store answers and every backend can be listed), and runs the background
-workers (GC, janitor, usage flush) in ``worker`` and ``all`` modes.
+workers (GC, janitor, replication) in ``worker`` and ``all`` modes; health checks and
+usage flushing in every mode.
 """
 
 from __future__ import annotations
@@ -116,20 +117,20 @@ def build_admin_app(pool: Pool) -> web.Application:
 def _start_workers(
     pool: Pool, stop: asyncio.Event, *, background: bool = True
 ) -> list[asyncio.Task[None]]:
-    """Workers stopped by ``stop``: the health check in every mode (circuit breakers are
-    per process), and with ``background`` (``worker``/``all`` mode) GC, the janitor,
-    usage flushing, replication and the replication scan."""
+    """Workers stopped by ``stop``: the health check and usage flushing in every mode
+    (circuit breakers and usage counts are per process), and with ``background``
+    (``worker``/``all`` mode) GC, the janitor, replication and the replication scan."""
     from appliance.services.workers import UsageFlusher, run_forever
 
     health = pool.config.pool.health
     specs: list[tuple[str, Callable[[], Awaitable[int]], float]] = [
         ("health", pool.health.run_once, health.check_interval),
+        ("usage", UsageFlusher(pool.meter).run_once, 10.0),
     ]
     if background:
         specs += [
             ("gc", pool.gc.run_once, 5.0),
             ("janitor", pool.janitor.run_once, 60.0),
-            ("usage", UsageFlusher(pool.meter).run_once, 10.0),
             ("replication", pool.replication.run_once, 2.0),
             ("replication-scan", pool.scanner.run_once, pool.config.pool.replication.scan_interval),
         ]

@@ -7,7 +7,7 @@ the quorum are owed: the services queue them for the replication worker, which u
 ``replicate``. Reads try replicas in the Router's order, verify what they can (length
 always; SHA-256 when the whole chunk is read), and move on to the next replica after an
 error, a per-backend timeout or a checksum mismatch; a replica found corrupt or missing
-is queued for repair. Every backend call's result feeds that backend's circuit breaker.
+is queued for repair. Every read and write result feeds that backend's circuit breaker.
 Encryption and caching wrap this class and keep its interface.
 """
 
@@ -278,14 +278,15 @@ class ChunkStore:
         return await self._cpu.run(_sha256, data)
 
     async def delete_blob(self, backend: str, blob_key: str) -> bool:
-        """Best-effort delete; returns False (and logs) when the backend refused."""
+        """Best-effort delete; returns False (and logs) when the backend refused.
+
+        Deletes do not feed the circuit breaker: a provider refusing deletes (a policy,
+        a lock) may still serve reads and writes, and the GC retries them anyway."""
         try:
             await self._pool.backend(backend).delete(blob_key)
         except BackendError as exc:
-            self._pool.report(backend, exc)
             log.warning("could not delete blob %s on %s: %s", blob_key, backend, exc)
             return False
-        self._pool.report(backend, None)
         return True
 
     async def read(
@@ -377,10 +378,12 @@ class ChunkStore:
         ``chunk``, passed through ``check(data, backend)`` — one ranged GET per replica
         tried, replicas in the Router's read order.
 
-        A replica that fails, is short, or for which ``check`` raises ``DataCorrupted``
-        is skipped; a missing or corrupt one is queued for repair. One that takes longer
-        than its backend's ``replica_timeout`` is put back at the end of the line and
-        tried once more without a limit when every other replica has failed.
+        A replica on a backend past a monthly cap is not asked (the error names the cap
+        when no other replica could serve). A replica that fails, is short, or for which
+        ``check`` raises ``DataCorrupted`` is skipped; a missing or corrupt one is
+        queued for repair. One that takes longer than its backend's ``replica_timeout``
+        is put back at the end of the line and tried once more without a limit when
+        every other replica has failed.
         Raises ``DataCorrupted`` when every replica returned wrong bytes and
         ``BackendsUnavailable`` when none could be read.
         """
@@ -389,7 +392,15 @@ class ChunkStore:
         order = self._pool.router.read_order(view, list(by_backend), end - start)
         problems: list[str] = []
         corrupt = 0
-        attempts: list[tuple[str, bool]] = [(name, True) for name in order]
+        known = view.by_name()
+        capped = {
+            name: problem
+            for name in order
+            if name in known
+            and (problem := cap_problem(known[name], end - start, write=False)) is not None
+        }
+        problems += capped.values()  # a backend past a monthly cap is not asked
+        attempts: list[tuple[str, bool]] = [(name, True) for name in order if name not in capped]
         while attempts:
             name, limited = attempts.pop(0)
             location = by_backend[name]

@@ -98,15 +98,31 @@ class PoolState:
             )
         )
 
+    def _with_caps(self, view: BackendView) -> BackendView:
+        left = self.meter.remaining(view.name)
+        if (left.requests, left.ingress_bytes, left.egress_bytes) == (
+            view.requests_left,
+            view.ingress_left,
+            view.egress_left,
+        ):
+            return view
+        return dataclasses.replace(
+            view,
+            requests_left=left.requests,
+            ingress_left=left.ingress_bytes,
+            egress_left=left.egress_bytes,
+        )
+
     def invalidate(self) -> None:
         """Forget the cached view (after a reservation failed, a state changed...)."""
         self._view = None
 
     async def view(self) -> PoolView:
-        """A snapshot at most ``max_age`` seconds old."""
+        """A snapshot whose space figures are at most ``max_age`` seconds old; what is
+        left under the monthly caps is always current (counted in memory)."""
         now = self._monotonic()
         if self._view is not None and now - self._view_at < self._max_age:
-            return self._view
+            return PoolView(tuple(self._with_caps(b) for b in self._view.backends))
         space = {s.name: s for s in await self.store.get_space()}
         views = []
         for order, name in enumerate(self._order):

@@ -89,6 +89,18 @@ class UsageMeter:
             left(caps.ingress_bytes, ingress),
         )
 
+    def near_cap(self, fraction: float = 0.9) -> bool:
+        """True when some backend has used ``fraction`` of one of its caps this month
+        (the flusher then flushes faster, so several instances see it sooner)."""
+        for backend, caps in self._caps.items():
+            used = self.totals(backend)
+            for cap, count in zip(
+                (caps.requests, caps.egress_bytes, caps.ingress_bytes), used, strict=True
+            ):
+                if cap is not None and count >= cap * fraction:
+                    return True
+        return False
+
     async def flush(self) -> None:
         """Write pending counts to the store and reload this month's totals.
 

@@ -97,14 +97,20 @@ class Janitor:
 
 
 class UsageFlusher:
-    """Writes the usage meter's counts to the store."""
+    """Writes the usage meter's counts to the store: every interval, and every
+    ``fast_interval`` seconds while a backend is near one of its caps (90 %)."""
 
-    def __init__(self, meter: UsageMeter) -> None:
+    def __init__(self, meter: UsageMeter, *, fast_interval: float = 1.0) -> None:
         self._meter = meter
+        self._fast = fast_interval
 
     async def run_once(self) -> int:
-        """Flush once; returns 0 (a flush never leaves more work for right away)."""
+        """Flush once; near a cap wait ``fast_interval`` and return 1 (run again at
+        once), else return 0 (wait the normal interval)."""
         await self._meter.flush()
+        if self._meter.near_cap():
+            await asyncio.sleep(self._fast)
+            return 1
         return 0
 
 

@@ -382,3 +382,147 @@ async def test_the_health_check_opens_the_circuit_of_an_idle_dead_backend(
         await pool.health.run_once()
     states = {b.name: b.circuit for b in await pool.admin.backends()}
     assert states == {"d0": "closed", "d1": "open"}
+
+
+# -- usage caps -----------------------------------------------------------------------
+
+
+def capped_config(database: Any, tmp_path: Path, **d0: Any) -> Any:
+    raw: dict[str, Any] = {
+        "database": database,
+        "pool": {"chunk_size": CHUNK, "gc_delay_seconds": 0},
+        "backends": [
+            {"name": "d0", "type": "local", "path": "d0", **d0},
+            {"name": "d1", "type": "local", "path": "d1"},
+        ],
+        "buckets": [{"name": "bkt"}],
+        "cache": {"max_size": 0},
+    }
+    return parse_config(raw, env={}, base_dir=tmp_path)
+
+
+async def test_a_request_cap_overflows_writes_and_counts_what_the_backend_received(
+    database: Any, tmp_path: Path, pools: list[Pool]
+) -> None:
+    pool, faults = await opened(capped_config(database, tmp_path, api_request_limit=100))
+    pools.append(pool)
+    for i in range(150):
+        await pool.objects.put_object("bkt", f"k{i}", body(b"x" * 100), size=100)
+    on_d0 = len(files(tmp_path, "d0"))
+    assert on_d0 == 100  # one PUT per object while d0 had requests left (pack order)
+    assert len(files(tmp_path, "d1")) == 50
+    received = sum(faults["d0"].calls.values())
+    assert received == 100
+    assert pool.meter.totals("d0")[0] == received
+    await pool.meter.flush()
+    [row] = [u for u in await pool.store.get_usage(_month()) if u.backend == "d0"]
+    assert row.requests == received
+    # reads of d0's objects are refused by Cairn, naming the cap (d0 is their only replica)
+    with pytest.raises(BackendsUnavailable, match="d0: monthly request cap reached"):
+        await read(pool, "k0")
+    assert sum(faults["d0"].calls.values()) == 100  # and d0 was not asked
+    assert await read(pool, "k149") == b"x" * 100  # on d1
+
+
+async def test_an_egress_cap_sends_reads_to_the_other_replica(
+    database: Any, tmp_path: Path, pools: list[Pool]
+) -> None:
+    cfg = capped_config(database, tmp_path, egress_byte_limit=3 * CHUNK)
+    cfg = cfg.model_copy(
+        update={
+            "pool": cfg.pool.model_copy(
+                update={
+                    "replication": cfg.pool.replication.model_copy(
+                        update={"factor": 2, "write_quorum": 2}
+                    )
+                }
+            )
+        }
+    )
+    pool, faults = await opened(cfg)
+    pools.append(pool)
+    data = os.urandom(8 * CHUNK)
+    await pool.objects.put_object("bkt", "k", body(data), size=len(data))
+    assert await read(pool, "k") == data
+    egress = pool.meter.totals("d0")[1]
+    # d0 served until its cap (parallel read-ahead may pass it by the reads already in
+    # flight), d1 the rest
+    assert 3 * CHUNK <= egress < 8 * CHUNK
+    assert faults["d1"].calls["get"] == 8 - egress // CHUNK
+    before = faults["d0"].calls["get"]
+    assert await read(pool, "k") == data  # past the cap: d0 is not asked at all
+    assert faults["d0"].calls["get"] == before
+
+
+def test_a_full_pool_names_the_cap_in_the_error() -> None:
+    from appliance.placement.router import BackendView, cap_problem
+
+    assert cap_problem(BackendView("b2", 0, ingress_left=10), 100, write=True) == (
+        "b2: monthly ingress cap reached (10 bytes left)"
+    )
+
+
+async def test_writes_fail_naming_every_cap_when_nothing_is_left(
+    database: Any, tmp_path: Path, pools: list[Pool]
+) -> None:
+    raw: dict[str, Any] = {
+        "database": database,
+        "pool": {"chunk_size": CHUNK},
+        "backends": [
+            {"name": "d0", "type": "local", "path": "d0", "api_request_limit": 0},
+            {"name": "d1", "type": "local", "path": "d1", "ingress_byte_limit": 10},
+        ],
+        "buckets": [{"name": "bkt"}],
+    }
+    pool, _ = await opened(parse_config(raw, env={}, base_dir=tmp_path))
+    pools.append(pool)
+    from appliance.errors import NoCapacity
+
+    with pytest.raises(NoCapacity) as caught:
+        await pool.objects.put_object("bkt", "k", body(b"x" * 100), size=100)
+    message = str(caught.value)
+    assert "d0: monthly request cap reached" in message
+    assert "d1: monthly ingress cap reached" in message
+
+
+def _month() -> str:
+    from appliance.clock import month_of, utcnow
+
+    return month_of(utcnow())
+
+
+# -- the cleanup queue ----------------------------------------------------------------
+
+
+async def test_refused_deletes_are_retried_listed_when_exhausted_and_never_hit_newer_data(
+    database: Any, tmp_path: Path, pools: list[Pool]
+) -> None:
+    from appliance.meta.store import GC_QUEUE
+    from appliance.services.workers import GcWorker
+
+    pool, faults = await opened(config(database, tmp_path, backends=1, factor=1))
+    pools.append(pool)
+    old, new = os.urandom(2 * CHUNK), os.urandom(2 * CHUNK)
+    await pool.objects.put_object("bkt", "k", body(old), size=len(old))
+    await pool.objects.put_object("bkt", "k", body(b"mid"), size=3)  # old chunks -> GC
+    faults["d0"].fail_always("delete", TransientBackendError("refusing deletes"))
+    gc = GcWorker(pool.store, pool.chunks, backoff=Backoff(base_seconds=0, jitter=0))
+    for _ in range(12):  # past max_attempts: the items go dead, they are not dropped
+        await gc.run_once()
+    # rewritten at the same key during the backoff: new blobs, never touched by GC
+    await pool.objects.put_object("bkt", "k", body(new), size=len(new))
+    depth, dead = await pool.admin.queue("gc")
+    assert depth.get("dead", 0) >= 2
+    assert all((item.key or "").startswith("chunk:") for item in dead)  # keyed by blob
+    assert dead[0].last_error == "delete failed on d0"
+    faults["d0"].clear()
+    for item in dead:
+        await pool.admin.retry_dead("gc", item.item_id)
+    while await gc.run_once():
+        pass
+    assert await pool.store.queue_depth(GC_QUEUE) == {}
+    assert await read(pool, "k") == new
+    handle = await pool.objects.open_object("bkt", "k")
+    live = {loc.blob_key for p in handle.layout for loc in p.locations}
+    assert set(files(tmp_path, "d0")) == live  # no orphan blobs
+    await check_space(pool, tmp_path)
