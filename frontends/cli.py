@@ -167,7 +167,8 @@ def summarize(config: CairnConfig) -> list[str]:
         lines.append(f"database:  sqlite at {db.sqlite.path} (single instance)")
     lines.append(
         f"pool:      chunk size {format_size(pool.chunk_size)}, placement {pool.placement}, "
-        f"replication {pool.replication_factor}, gc delay {pool.gc_delay_seconds} s"
+        f"replication {pool.replication.factor} (write quorum {pool.replication.write_quorum}), "
+        f"gc delay {pool.gc_delay_seconds} s"
     )
     lines.append(f"cache:     {_cache_summary(config)}")
     if config.encryption.key is not None or config.encryption.enabled:
@@ -244,7 +245,9 @@ database:                    # where metadata lives: exactly one of sqlite or po
 pool:
   chunk_size: 8MiB           # objects are stored as chunks of this size (64KiB-512MiB)
   placement: pack            # pack: fill backends in the order below; spread: least used first
-  replication_factor: 1      # copies of every chunk, each on a different backend
+  replication:
+    factor: 1                # copies of every chunk, each on a different backend (and group)
+    write_quorum: 1          # copies written before a write is acknowledged; the rest follow
   gc_delay_seconds: 3600     # how long unreferenced chunks are kept before deletion
 
 cache:                       # repeated reads without spending the providers' egress
