@@ -359,6 +359,7 @@ async def open_pool(
             breakers=Breakers(
                 backends, threshold=health.failure_threshold, cooldown=health.open_seconds
             ),
+            hedged_reads=config.pool.replication.hedged_reads,
         )
         replication = replication_policy(config)
         bucket_config = BucketConfigService(store)

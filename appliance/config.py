@@ -400,6 +400,8 @@ class ReplicationConfig(BaseModel):
     write_quorum: int = Field(default=1, ge=1)
     scan_interval: float = Field(default=3600.0, gt=0)
     """Seconds between full scans for chunks below (or above) their factor."""
+    hedged_reads: bool = False
+    """Ask a second replica when the first is slower than its recent p95."""
     retry_seconds: float = Field(default=5.0, gt=0)
     """First delay before a replica that could not be made is tried again (doubling,
     at most an hour)."""

@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -383,7 +384,9 @@ class ChunkStore:
         ``check`` raises ``DataCorrupted`` is skipped; a missing or corrupt one is
         queued for repair. One that takes longer than its backend's ``replica_timeout``
         is put back at the end of the line and tried once more without a limit when
-        every other replica has failed.
+        every other replica has failed. With hedged reads on, a replica slower than its
+        backend's recent p95 gets company: the next replica is asked too, the first good
+        answer wins and the other request is cancelled.
         Raises ``DataCorrupted`` when every replica returned wrong bytes and
         ``BackendsUnavailable`` when none could be read.
         """
@@ -403,43 +406,81 @@ class ChunkStore:
         attempts: list[tuple[str, bool]] = [(name, True) for name in order if name not in capped]
         while attempts:
             name, limited = attempts.pop(0)
-            location = by_backend[name]
-            timeout = self._pool.replica_timeout(name) if limited and attempts else None
-            try:
-                async with asyncio.timeout(timeout):
-                    data = await self._get(name, location.blob_key, start, end)
-            except TimeoutError:
-                self._pool.report(name, TimeoutError(f"no answer within {timeout} s"))
-                log.warning("chunk %s: %s timed out, trying the next replica", chunk.chunk_id, name)
-                attempts.append((name, False))  # once more without a limit, if all else fails
+            racers = {self._start(name, by_backend, start, end, limited and bool(attempts)): name}
+            delay = self._pool.hedge_delay(name) if attempts else None
+            if delay is not None:
+                done, _ = await asyncio.wait(racers, timeout=delay)
+                if not done:  # slower than usual: ask the next replica too (hedged read)
+                    other, other_limited = attempts.pop(0)
+                    hedge = self._start(
+                        other, by_backend, start, end, other_limited and bool(attempts)
+                    )
+                    racers[hedge] = other
+            winner, data, failures, abandoned = await _first_success(racers)
+            attempts += [(n, False) for n in abandoned]  # lost the race: kept as a last resort
+            for failed, exc in failures:
+                if isinstance(exc, TimeoutError):
+                    log.warning(
+                        "chunk %s: %s timed out, trying the next replica", chunk.chunk_id, failed
+                    )
+                    attempts.append((failed, False))  # once more without a limit, if all fail
+                    continue
+                problems.append(f"{failed}: {exc}")
+                if isinstance(exc, BlobNotFound):
+                    await self._queue_repair(chunk.chunk_id, failed)
+            if winner is None:
                 continue
-            except BlobNotFound as exc:
-                self._pool.report(name, None)
-                problems.append(f"{name}: {exc}")
-                await self._queue_repair(chunk.chunk_id, name)
-                continue
-            except (BackendError, KeyError) as exc:
-                if isinstance(exc, BackendError):
-                    self._pool.report(name, exc)
-                problems.append(f"{name}: {exc}")
-                continue
-            self._pool.report(name, None)
             if len(data) != end - start:
                 corrupt += 1
-                problems.append(f"{name}: short read ({len(data)} of {end - start} bytes)")
-                await self._queue_repair(chunk.chunk_id, name)
+                problems.append(f"{winner}: short read ({len(data)} of {end - start} bytes)")
+                await self._queue_repair(chunk.chunk_id, winner)
                 continue
             try:
-                return await check(data, name)
+                return await check(data, winner)
             except DataCorrupted as exc:
                 corrupt += 1
-                problems.append(f"{name}: {exc}")
-                await self._queue_repair(chunk.chunk_id, name)
+                problems.append(f"{winner}: {exc}")
+                await self._queue_repair(chunk.chunk_id, winner)
                 continue
         detail = "; ".join(problems) or "no replica recorded"
         if corrupt and corrupt == len(problems):
             raise DataCorrupted(f"chunk {chunk.chunk_id}: {detail}")
         raise BackendsUnavailable(f"chunk {chunk.chunk_id}: {detail}")
+
+    def _start(
+        self, name: str, by_backend: Mapping[str, Location], start: int, end: int, limited: bool
+    ) -> asyncio.Task[bytes | bytearray]:
+        """Start fetching ``[start, end)`` of the replica on ``name`` (with its
+        ``replica_timeout`` when ``limited``)."""
+        timeout = self._pool.replica_timeout(name) if limited else None
+        return asyncio.ensure_future(
+            self._fetch(name, by_backend[name].blob_key, start, end, timeout)
+        )
+
+    async def _fetch(
+        self, name: str, blob_key: str, start: int, end: int, limit: float | None
+    ) -> bytes | bytearray:
+        """One ranged GET; its result feeds the circuit breaker and the latency figures.
+        Raises ``TimeoutError`` after ``limit`` seconds, ``BackendError``."""
+        timeout = limit
+        began = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout):
+                data = await self._get(name, blob_key, start, end)
+        except TimeoutError:
+            self._pool.report(name, TimeoutError(f"no answer within {timeout} s"))
+            raise TimeoutError(f"timed out after {timeout} s") from None
+        except BlobNotFound:
+            self._pool.report(name, None)
+            raise
+        except BackendError as exc:
+            self._pool.report(name, exc)
+            raise
+        except KeyError as exc:  # a location on a backend no longer configured
+            raise BackendError(f"backend {name!r} is not configured") from exc
+        self._pool.report(name, None)
+        self._pool.observe(name, time.monotonic() - began)
+        return data
 
     async def _get(self, name: str, blob_key: str, start: int, end: int) -> bytes | bytearray:
         stream = await self._pool.backend(name).get(blob_key, ByteRange(start, end))
@@ -459,6 +500,35 @@ class ChunkStore:
             )
         except MetaError as exc:
             log.warning("could not queue the repair of chunk %s on %s: %s", chunk_id, backend, exc)
+
+
+async def _first_success(
+    racers: dict[asyncio.Task[bytes | bytearray], str],
+) -> tuple[str | None, bytes | bytearray, list[tuple[str, BaseException]], list[str]]:
+    """Wait for the first racer that succeeds; cancel the others.
+
+    Returns (winner or None, its data, the failures seen as (backend, error), the
+    backends abandoned still running). Errors other than ``BackendError`` and
+    ``TimeoutError`` propagate (after cancelling every racer).
+    """
+    failures: list[tuple[str, BaseException]] = []
+    pending = set(racers)
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                exc = task.exception()
+                if exc is None:
+                    return racers[task], task.result(), failures, [racers[t] for t in pending]
+                if not isinstance(exc, BackendError | TimeoutError):
+                    raise exc
+                failures.append((racers[task], exc))
+        return None, b"", failures, []
+    finally:
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
 
 
 INLINE_HASH_LIMIT = 256 * 1024

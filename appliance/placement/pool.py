@@ -7,8 +7,10 @@ store's atomic reservation is what actually guards space.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -19,6 +21,31 @@ from appliance.placement.usage import UsageMeter
 from backends.base import Backend
 
 log = logging.getLogger("cairn.pool")
+
+
+class LatencyStats:
+    """The last ``size`` chunk-read latencies of one backend (seconds)."""
+
+    MIN_SAMPLES = 20
+
+    def __init__(self, size: int = 200) -> None:
+        self._samples: collections.deque[float] = collections.deque(maxlen=size)
+
+    def add(self, seconds: float) -> None:
+        self._samples.append(seconds)
+
+    def typical(self) -> float | None:
+        """The median, once there are a few samples (None before)."""
+        if len(self._samples) < 5:
+            return None
+        return statistics.median(self._samples)
+
+    def p95(self) -> float | None:
+        """The 95th percentile, once there are ``MIN_SAMPLES`` samples (None before)."""
+        if len(self._samples) < self.MIN_SAMPLES:
+            return None
+        ordered = sorted(self._samples)
+        return ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
 
 
 class PoolState:
@@ -35,6 +62,7 @@ class PoolState:
         groups: Mapping[str, str | None] | None = None,
         replica_timeouts: Mapping[str, float] | None = None,
         breakers: Breakers | None = None,
+        hedged_reads: bool = False,
         max_age: float = 0.5,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -48,6 +76,8 @@ class PoolState:
         self._groups = dict(groups or {})
         self._timeouts = dict(replica_timeouts or {})
         self.breakers = breakers or Breakers(self._order)
+        self._hedged = hedged_reads
+        self._latency = {name: LatencyStats() for name in self._order}
         self._max_age = max_age
         self._monotonic = monotonic
         self._view: PoolView | None = None
@@ -63,6 +93,24 @@ class PoolState:
     def replica_timeout(self, name: str) -> float | None:
         """Seconds a chunk read from ``name`` may take before moving on (None = no limit)."""
         return self._timeouts.get(name)
+
+    def observe(self, name: str, seconds: float) -> None:
+        """Record how long a successful chunk read from ``name`` took."""
+        stats = self._latency.get(name)
+        if stats is not None:
+            stats.add(seconds)
+
+    def latency(self, name: str) -> LatencyStats | None:
+        return self._latency.get(name)
+
+    def hedge_delay(self, name: str) -> float | None:
+        """With hedged reads on: how long to wait for ``name`` before asking another
+        replica too (its recent p95, at least 10 ms); None when off or not yet known."""
+        if not self._hedged:
+            return None
+        stats = self._latency.get(name)
+        p95 = stats.p95() if stats is not None else None
+        return None if p95 is None else max(0.01, p95)
 
     def report(self, name: str, error: BaseException | None) -> None:
         """Feed the result of a call to ``name`` to its circuit breaker (None = success).
@@ -100,10 +148,12 @@ class PoolState:
 
     def _with_caps(self, view: BackendView) -> BackendView:
         left = self.meter.remaining(view.name)
-        if (left.requests, left.ingress_bytes, left.egress_bytes) == (
+        latency = self._latency[view.name].typical()
+        if (left.requests, left.ingress_bytes, left.egress_bytes, latency) == (
             view.requests_left,
             view.ingress_left,
             view.egress_left,
+            view.latency,
         ):
             return view
         return dataclasses.replace(
@@ -111,6 +161,7 @@ class PoolState:
             requests_left=left.requests,
             ingress_left=left.ingress_bytes,
             egress_left=left.egress_bytes,
+            latency=latency,
         )
 
     def invalidate(self) -> None:
@@ -141,6 +192,7 @@ class PoolState:
                     egress_left=left.egress_bytes,
                     group=self._groups.get(name),
                     circuit=self.breakers.state(name),
+                    latency=self._latency[name].typical(),
                 )
             )
         self._view = PoolView(tuple(views))

@@ -44,6 +44,8 @@ class BackendView:
     """Failure domain; replicas of a chunk go to distinct groups (None = its own)."""
     circuit: str = "closed"
     """The backend's circuit breaker: ``closed``, ``open`` or ``half_open``."""
+    latency: float | None = None
+    """Typical (median) recent chunk-read time in seconds; None = not known yet."""
 
     @property
     def domain(self) -> str:
@@ -146,17 +148,27 @@ class Router:
         return [b.name for b in eligible]
 
     def read_order(self, view: PoolView, backends: Sequence[str], nbytes: int) -> list[str]:
-        """Replica backends in the order to try: servable ones first, by config order.
+        """Replica backends in the order to try: servable ones first, by config order,
+        except that a backend much slower than the fastest (typical read time over twice
+        and 50 ms more) goes after the others.
 
         Backends not servable right now (offline, circuit open, past a cap) come last
         rather than never, so a read still has a chance when nothing better exists.
         """
         known = view.by_name()
+        timed = [known[n].latency for n in backends if n in known and known[n].latency is not None]
+        fastest = min((t for t in timed if t is not None), default=None)
 
-        def rank(name: str) -> tuple[int, int]:
+        def slow(b: BackendView) -> bool:
+            # much slower than the fastest replica: try it after the others
+            if b.latency is None or fastest is None:
+                return False
+            return b.latency > max(2 * fastest, fastest + 0.05)
+
+        def rank(name: str) -> tuple[int, int, int]:
             b = known.get(name)
             if b is None:
-                return (2, 1 << 30)
-            return (0 if b.can_serve(nbytes) else 1, b.order)
+                return (2, 0, 1 << 30)
+            return (0 if b.can_serve(nbytes) else 1, int(slow(b)), b.order)
 
         return sorted(backends, key=rank)

@@ -39,6 +39,8 @@ def config(
     buckets: list[dict[str, Any]] | None = None,
     encrypted: bool = False,
     names: list[str] | None = None,
+    hedged: bool = False,
+    replica_timeout: float = 0.3,
     **pool: Any,
 ) -> Any:
     names = names or [f"d{i}" for i in range(backends)]
@@ -47,14 +49,14 @@ def config(
         spec: dict[str, Any] = {"name": name, "type": "local", "path": name}
         if groups is not None and groups[i] is not None:
             spec["group"] = groups[i]
-        spec["replica_timeout"] = 0.3
+        spec["replica_timeout"] = replica_timeout
         specs.append(spec)
     raw: dict[str, Any] = {
         "database": database,
         "pool": {
             "chunk_size": CHUNK,
             "gc_delay_seconds": 0,
-            "replication": {"factor": factor, "write_quorum": quorum},
+            "replication": {"factor": factor, "write_quorum": quorum, "hedged_reads": hedged},
             **pool,
         },
         "backends": specs,
@@ -297,6 +299,30 @@ async def test_a_slow_replica_is_abandoned_after_its_timeout(
     faults["d0"].latency(0.5)
     faults["d1"].fail_always("get")
     assert await read(pool, "k") == data
+
+
+@pytest.mark.parametrize("hedged", [False, True], ids=["plain", "hedged"])
+async def test_a_replica_slower_than_usual_is_hedged_or_waited_for(
+    database: Any, tmp_path: Path, pools: list[Pool], hedged: bool
+) -> None:
+    cfg = config(database, tmp_path, factor=2, quorum=2, hedged=hedged, replica_timeout=30)
+    pool, faults = await opened(cfg)
+    pools.append(pool)
+    data = os.urandom(CHUNK)
+    await pool.objects.put_object("bkt", "k", body(data), size=len(data))
+    for _ in range(25):  # d0 (first in order) learns its usual read time
+        assert await read(pool, "k") == data
+    assert faults["d1"].calls["get"] == 0
+    faults["d0"].latency(0.6)
+    started = time.monotonic()
+    assert await read(pool, "k") == data
+    took = time.monotonic() - started
+    if hedged:  # d1 was asked after d0's p95 (milliseconds) and answered first
+        assert took < 0.4
+        assert faults["d1"].calls["get"] == 1
+    else:
+        assert took >= 0.6
+        assert faults["d1"].calls["get"] == 0
 
 
 # -- the scan: backends lost, factors changed -----------------------------------------

@@ -50,6 +50,22 @@ def test_router_keeps_replicas_in_distinct_domains_and_skips_open_circuits() -> 
     assert router.read_order(pool, ["c", "d", "a2"], 10) == ["a2", "d", "c"]
 
 
+def test_read_order_puts_a_much_slower_replica_last() -> None:
+    router = Router(Placement.PACK)
+    pool = view(
+        BackendView("slow", 0, latency=0.25),
+        BackendView("fast", 1, latency=0.01),
+        BackendView("new", 2),
+        BackendView("close", 3, latency=0.04),  # within 50 ms of the fastest: by order
+    )
+    assert router.read_order(pool, ["slow", "fast", "new", "close"], 10) == [
+        "fast",
+        "new",
+        "close",
+        "slow",
+    ]
+
+
 def test_cap_problem_names_the_cap() -> None:
     spent = BackendView("b", 0, requests_left=0)
     assert cap_problem(spent, 1, write=True) == "b: monthly request cap reached"
