@@ -150,18 +150,18 @@ class Router:
     def read_order(self, view: PoolView, backends: Sequence[str], nbytes: int) -> list[str]:
         """Replica backends in the order to try: servable ones first, by config order,
         except that a backend much slower than the fastest (typical read time over twice
-        and 50 ms more) goes after the others.
+        and 50 ms more; a backend not timed yet counts as fast) goes after the others.
 
         Backends not servable right now (offline, circuit open, past a cap) come last
         rather than never, so a read still has a chance when nothing better exists.
         """
         known = view.by_name()
-        timed = [known[n].latency for n in backends if n in known and known[n].latency is not None]
-        fastest = min((t for t in timed if t is not None), default=None)
+        # a replica whose backend was never timed counts as fast (so it gets tried)
+        fastest = min((known[n].latency or 0.0 for n in backends if n in known), default=0.0)
 
         def slow(b: BackendView) -> bool:
             # much slower than the fastest replica: try it after the others
-            if b.latency is None or fastest is None:
+            if b.latency is None:
                 return False
             return b.latency > max(2 * fastest, fastest + 0.05)
 

@@ -55,7 +55,7 @@ def test_read_order_puts_a_much_slower_replica_last() -> None:
     pool = view(
         BackendView("slow", 0, latency=0.25),
         BackendView("fast", 1, latency=0.01),
-        BackendView("new", 2),
+        BackendView("new", 2, latency=0.02),
         BackendView("close", 3, latency=0.04),  # within 50 ms of the fastest: by order
     )
     assert router.read_order(pool, ["slow", "fast", "new", "close"], 10) == [
@@ -130,3 +130,9 @@ def test_config_replication_section_and_the_old_spelling() -> None:
         parse({"replication": {"write_quorum": 2}})
     with pytest.raises(ConfigError, match="3 replicas need 3 writable backends"):
         parse({"replication": {"factor": 3}})
+
+
+def test_an_untimed_replica_counts_as_fast_so_a_slow_one_is_demoted() -> None:
+    router = Router(Placement.PACK)
+    pool = view(BackendView("slow", 0, latency=0.2), BackendView("untimed", 1))
+    assert router.read_order(pool, ["slow", "untimed"], 10) == ["untimed", "slow"]
