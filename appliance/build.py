@@ -41,6 +41,7 @@ from appliance.data.cpu import CpuPool
 from appliance.errors import BucketExists, KeyUnavailable
 from appliance.meta.backoff import Backoff
 from appliance.meta.models import BackendSpec, Permission
+from appliance.meta.outage import OutageTolerantStore
 from appliance.meta.postgres import PostgresMetadataStore
 from appliance.meta.sqlite import SqliteMetadataStore
 from appliance.meta.store import MetadataStore
@@ -319,7 +320,11 @@ async def open_pool(
     and ``KeyUnavailable`` (a master key cannot be read or Vault cannot be used);
     nothing is left open when it raises.
     """
-    store = make_store(config.database, gc_delay=timedelta(seconds=config.pool.gc_delay_seconds))
+    store: MetadataStore = OutageTolerantStore(
+        make_store(config.database, gc_delay=timedelta(seconds=config.pool.gc_delay_seconds)),
+        entries=config.database.read_cache_entries,
+        retry_seconds=config.database.retry_seconds,
+    )
     await store.open()
     caps = {
         b.name: Caps(b.api_request_limit, b.egress_byte_limit, b.ingress_byte_limit)

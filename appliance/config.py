@@ -357,6 +357,10 @@ class DatabaseConfig(BaseModel):
 
     sqlite: SqliteConfig | None = None
     postgres: PostgresConfig | None = None
+    read_cache_entries: int = Field(default=10_000, ge=0)
+    """Recent metadata reads kept to serve GETs while the store is unreachable; 0 = off."""
+    retry_seconds: float = Field(default=2.0, gt=0)
+    """After the store failed, calls fail at once for this long before it is tried again."""
 
     @model_validator(mode="before")
     @classmethod
