@@ -94,20 +94,30 @@ async def check_up(pool: Pool, stored: dict[tuple[str, str], bytes]) -> None:
     assert [e.key for e in page.entries] == ["after", "k0", "k1", "k2"]
 
 
+def corrupt(tmp_path: Path) -> dict[Path, bytes]:
+    """Write garbage over the database and its WAL (same sizes); return what was there."""
+    files = [p for p in tmp_path.glob("cairn.db*") if not p.name.endswith(".lock")]
+    saved = {p: p.read_bytes() for p in files}
+    for p in files:
+        with p.open("r+b") as f:
+            f.write(os.urandom(len(saved[p])))
+    return saved
+
+
+def restore(saved: dict[Path, bytes]) -> None:
+    for p, data in saved.items():
+        with p.open("r+b") as f:
+            f.write(data)
+
+
 @pytest.mark.allow_error_logs
 async def test_sqlite_corrupt_file_reads_go_on_writes_fail_then_resume(tmp_path: Path) -> None:
     pool = await open_pool(config(tmp_path, {"sqlite": {"path": "cairn.db"}}))
     try:
         stored = await fill(pool)
-        files = [p for p in tmp_path.glob("cairn.db*") if not p.name.endswith(".lock")]
-        saved = {p: p.read_bytes() for p in files}
-        for p in files:  # garbage over the database and its WAL, same sizes
-            with p.open("r+b") as f:
-                f.write(os.urandom(len(saved[p])))
+        saved = corrupt(tmp_path)
         await check_down(pool, stored)
-        for p, data in saved.items():  # the file is repaired (restored)
-            with p.open("r+b") as f:
-                f.write(data)
+        restore(saved)  # the file is repaired
         await check_up(pool, stored)
     finally:
         await pool.close()
