@@ -53,6 +53,7 @@ from appliance.placement.usage import Caps, UsageMeter
 from appliance.services.access import AccessService
 from appliance.services.admin import AdminService
 from appliance.services.bucketconfig import BucketConfigService
+from appliance.services.fsck import Fsck
 from appliance.services.keys import KeyService
 from appliance.services.multipart import MultipartService
 from appliance.services.objects import ObjectService
@@ -366,9 +367,11 @@ async def open_pool(
             ),
             hedged_reads=config.pool.replication.hedged_reads,
         )
-        replication = replication_policy(config)
         bucket_config = BucketConfigService(store)
-        admin = AdminService(store, access, sealer, state, bucket_config)
+        replication = replication_policy(config)
+        admin = AdminService(
+            store, access, sealer, state, bucket_config, Fsck(store, state, replication)
+        )
         policy = EncryptionPolicy(
             default=config.encryption.enabled,
             buckets={b.name: b.encryption for b in config.buckets if b.encryption is not None},

@@ -992,6 +992,23 @@ class SqlMetadataStore(abc.ABC):
             for r in chunks
         ]
 
+    async def list_locations(
+        self, backend: str, *, after: str = "", limit: int = 1000
+    ) -> list[Location]:
+        async def work(tx: Tx) -> list[Location]:
+            rows = await tx.fetch(
+                "SELECT chunk_id, backend, blob_key, stored_size FROM locations "
+                "WHERE backend = $1 AND blob_key > $2 ORDER BY blob_key LIMIT $3",
+                backend,
+                after,
+                limit,
+            )
+            return [
+                Location(r["chunk_id"], r["backend"], r["blob_key"], r["stored_size"]) for r in rows
+            ]
+
+        return await self._run(work)
+
     async def claim_garbage(self, chunk_id: str) -> list[Location] | None:
         async def work(tx: Tx) -> list[Location] | None:
             row = await tx.fetchrow(

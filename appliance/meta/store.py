@@ -254,6 +254,13 @@ class MetadataStore(Protocol):
         id order, with their replicas and buckets (a resumable scan)."""
         ...
 
+    async def list_locations(
+        self, backend: str, *, after: str = "", limit: int = 1000
+    ) -> list[Location]:
+        """Replicas recorded on ``backend`` with blob key greater than ``after``, in blob
+        key order (a resumable scan, for consistency checks)."""
+        ...
+
     async def claim_garbage(self, chunk_id: str) -> list[Location] | None:
         """Locations of a chunk if it is unreferenced (to delete), else None."""
         ...

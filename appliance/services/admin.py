@@ -34,6 +34,7 @@ from appliance.placement.pool import PoolState
 from appliance.placement.router import BackendView
 from appliance.services.access import WILDCARD, AccessService
 from appliance.services.bucketconfig import BucketConfigService
+from appliance.services.fsck import Fsck, FsckReport
 from appliance.services.sealing import SealBroken, SecretSealer
 
 ACCESS_KEY_ALPHABET = string.ascii_uppercase + string.digits
@@ -85,12 +86,21 @@ class AdminService:
         sealer: SecretSealer,
         pool: PoolState | None = None,
         bucket_config: BucketConfigService | None = None,
+        fsck: Fsck | None = None,
     ) -> None:
         self._store = store
         self._access = access
         self._sealer = sealer
         self._pool = pool
         self._bucket_config = bucket_config
+        self._fsck = fsck
+
+    async def fsck(self) -> FsckReport:
+        """Check the store against the backends (read-only; see ``services.fsck``).
+        Raises ``InvalidArgument`` when this instance has no pool to check."""
+        if self._fsck is None:
+            raise InvalidArgument("no pool to check on this instance")
+        return await self._fsck.run()
 
     # -- backends --------------------------------------------------------------------
     async def backends(self) -> list[BackendView]:

@@ -271,6 +271,25 @@ def backends_list(ctx: click.Context) -> None:
     _print(ctx, found, [row(b) for b in found])
 
 
+@admin.command("fsck")
+@click.pass_context
+def fsck(ctx: click.Context) -> None:
+    """Check the metadata store against the backends; exit 1 when they disagree."""
+    r = _client(ctx).call("GET", "/fsck")
+    lines = [
+        f"{r['chunks']} live chunks, {r['locations']} replicas recorded, {r['blobs']} blobs listed",
+        f"missing blobs: {r['missing']}, orphan blobs: {r['orphans']}, "
+        f"chunks below their factor: {r['below']}, above: {r['above']}",
+        *r["ledger"],
+        *r["unreachable"],
+        *r["examples"],
+        f"{r['problems']} problems",
+    ]
+    _print(ctx, r, lines)
+    if r["problems"]:
+        ctx.exit(1)
+
+
 @admin.command("queue")
 @click.argument("name", type=click.Choice(["gc", "replicate"]))
 @click.pass_context

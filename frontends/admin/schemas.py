@@ -80,6 +80,23 @@ class BackendOut(BaseModel):
     last_error: str | None = None
 
 
+class FsckOut(BaseModel):
+    """The store checked against the backends (read-only). ``problems`` is 0 when they
+    agree; ``examples`` names up to 100 missing/orphan blobs."""
+
+    problems: int
+    chunks: int
+    locations: int
+    blobs: int
+    missing: int
+    orphans: int
+    below: int
+    above: int
+    ledger: list[str]
+    unreachable: list[str]
+    examples: list[str]
+
+
 class QueueItemOut(BaseModel):
     item_id: int
     key: str | None

@@ -162,6 +162,14 @@ class AdminApi:
             ),
             Route(
                 "GET",
+                "/fsck",
+                self._fsck,
+                "Check the metadata store against the backends (read-only; lists every "
+                "backend, so it takes a while on large pools)",
+                answer=m.FsckOut,
+            ),
+            Route(
+                "GET",
                 "/queues/{queue}",
                 self._queue,
                 "A background queue (gc, replicate): items per state and dead-lettered items",
@@ -280,6 +288,24 @@ class AdminApi:
                 for v in views
                 for c in [self._admin.circuit(v.name)]
             ]
+        )
+
+    async def _fsck(self, _: web.Request) -> web.Response:
+        r = await self._admin.fsck()
+        return _json(
+            schemas.FsckOut(
+                problems=r.problems,
+                chunks=r.chunks,
+                locations=r.locations,
+                blobs=r.blobs,
+                missing=r.missing,
+                orphans=r.orphans,
+                below=r.below,
+                above=r.above,
+                ledger=r.ledger,
+                unreachable=r.unreachable,
+                examples=r.examples,
+            )
         )
 
     # -- queues ----------------------------------------------------------------------

@@ -88,3 +88,5 @@ def test_sqlite_goes_bad_reads_continue_writes_get_503_then_all_resumes(daemon: 
     assert keys == ["after", "k0", "k1", "k2"]
     for (bucket, key), (client, data) in stored.items():
         assert client.get_object(Bucket=bucket, Key=key)["Body"].read() == data
+    status, report = daemon.admin("GET", "/fsck")
+    assert status == 200 and report["problems"] == 0, report

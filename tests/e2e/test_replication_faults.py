@@ -227,6 +227,8 @@ def test_n2_keeps_every_acknowledged_object_while_a_provider_is_away(
         assert provider_blobs(moto, daemon) == disk_blobs(daemon)
         read_all()
         wait_for_circuit(daemon, "s3", ("closed",))
+        status, report = daemon.admin("GET", "/fsck")
+        assert status == 200 and report["problems"] == 0, report
 
 
 def test_quorum_2_acknowledged_put_survives_the_loss_of_either_backend(

@@ -92,6 +92,9 @@ async def check_up(pool: Pool, stored: dict[tuple[str, str], bytes]) -> None:
         assert await read(pool, bucket, key) == data
     page = await pool.objects.list_objects("plain")
     assert [e.key for e in page.entries] == ["after", "k0", "k1", "k2"]
+    report = await pool.admin.fsck()  # the store and the backends agree
+    assert report.problems == 0, report
+    assert report.locations == report.blobs == report.chunks == 2 * (2 + 3 + 3) + 1
 
 
 def corrupt(tmp_path: Path) -> dict[Path, bytes]:

@@ -552,3 +552,28 @@ async def test_refused_deletes_are_retried_listed_when_exhausted_and_never_hit_n
     live = {loc.blob_key for p in handle.layout for loc in p.locations}
     assert set(files(tmp_path, "d0")) == live  # no orphan blobs
     await check_space(pool, tmp_path)
+
+
+# -- fsck -----------------------------------------------------------------------------
+
+
+async def test_fsck_finds_missing_and_orphan_blobs_and_chunks_below_their_factor(
+    database: Any, tmp_path: Path, pools: list[Pool]
+) -> None:
+    pool, _ = await opened(config(database, tmp_path, backends=2, factor=2, quorum=1))
+    pools.append(pool)
+    data = os.urandom(2 * CHUNK)
+    await pool.objects.put_object("bkt", "k", body(data), size=len(data))
+    report = await pool.admin.fsck()
+    assert (report.below, report.problems) == (2, 2)  # the second replicas are owed
+    await drain(pool)
+    report = await pool.admin.fsck()
+    assert report.problems == 0, report
+    assert (report.chunks, report.locations, report.blobs) == (2, 4, 4)
+    [first, *_] = sorted(files(tmp_path, "d1"))
+    (tmp_path / "d1" / first).unlink()
+    (tmp_path / "d0" / "stray").write_bytes(b"left behind")
+    report = await pool.admin.fsck()
+    assert (report.missing, report.orphans, report.problems) == (1, 1, 2)
+    assert f"missing d1:{first}" in report.examples
+    assert "orphan d0:stray" in report.examples
