@@ -326,6 +326,39 @@ async def test_garbage_collection_returns_bytes_to_the_backend(pool: SqlMetadata
     assert await pool.get_locations("c1") == []
 
 
+async def test_chunk_replicas_scan_and_location_listing(pool: SqlMetadataStore) -> None:
+    await pool.create_bucket("other")
+    await put_object(pool, "bk", "a", ["c1", "c2"])
+    await pool.add_location(Location("c1", "b2", "blobs/c1", 132), None)
+    vid = new_sortable_id()  # "other" references c1 too (a copy)
+    await pool.begin_version(vid, "other", "copy")
+    await pool.add_refs(vid, [ChunkRef(0, 0, 100, "c1")])
+    await pool.commit_version(vid, size=100, etag="e")
+    await put_object(pool, "bk", "gone", ["c3"])
+    await pool.delete_object("bk", "gone")  # c3: refcount 0, not scanned
+    info = await pool.get_chunk_replicas("c1")
+    assert info is not None
+    assert (info.chunk.chunk_id, info.chunk.refcount) == ("c1", 2)
+    assert [loc.backend for loc in info.locations] == ["b1", "b2"]
+    assert info.buckets == ("bk", "other")
+    assert await pool.get_chunk_replicas("nope") is None
+    gone = await pool.get_chunk_replicas("c3")
+    assert gone is not None and gone.chunk.refcount == 0 and gone.buckets == ()
+    scanned = await pool.scan_chunks(limit=1)
+    assert [i.chunk.chunk_id for i in scanned] == ["c1"]
+    rest = await pool.scan_chunks(after="c1")
+    assert [(i.chunk.chunk_id, len(i.locations), i.buckets) for i in rest] == [("c2", 1, ("bk",))]
+    assert [loc.blob_key for loc in await pool.list_locations("b1")] == [
+        "blobs/c1",
+        "blobs/c2",
+        "blobs/c3",
+    ]
+    assert [loc.chunk_id for loc in await pool.list_locations("b1", after="blobs/c1", limit=1)] == [
+        "c2"
+    ]
+    assert [loc.chunk_id for loc in await pool.list_locations("b2")] == ["c1"]
+
+
 async def test_unreferenced_chunks_cannot_be_revived(pool: SqlMetadataStore) -> None:
     await put_object(pool, "bk", "a", ["c1"])
     await pool.delete_object("bk", "a")
