@@ -219,17 +219,21 @@ class ChunkStore:
                     *(self._put(name, blob_key, blob) for name, _ in reserved),
                     return_exceptions=True,
                 )
+                unexpected: BaseException | None = None
                 for (name, reservation_id), result in zip(reserved, results, strict=True):
                     if isinstance(result, BaseException):
                         await self._pool.store.release_reservation(reservation_id)
                         self._pool.account(name, -stored)
                         if not isinstance(result, BackendError):
-                            raise result
+                            unexpected = unexpected or result
+                            continue
                         failures.append(f"{name}: {result}")
                         log.warning("chunk write to %s failed, trying another: %s", name, result)
                         continue
                     domains.add(by_name[name].domain)
                     placed.append((Location(chunk_id, name, blob_key, stored), reservation_id))
+                if unexpected is not None:
+                    raise unexpected  # after the batch is accounted for: undone below
         except BaseException:
             await self.undo(placed)
             raise

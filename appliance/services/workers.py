@@ -165,6 +165,9 @@ class HealthChecker:
         return True
 
     async def run_once(self) -> int:
-        """Probe all backends at once; returns 0 (nothing left for right away)."""
-        await asyncio.gather(*(self.check(name) for name in self._pool.names()))
+        """Probe all backends at once, except those past their monthly request cap (a
+        probe would be a request beyond it); returns 0 (nothing left for right away)."""
+        left = {b.name: b.requests_left for b in (await self._pool.view()).backends}
+        names = [name for name in self._pool.names() if left.get(name) != 0]
+        await asyncio.gather(*(self.check(name) for name in names))
         return 0

@@ -577,3 +577,12 @@ async def test_fsck_finds_missing_and_orphan_blobs_and_chunks_below_their_factor
     assert (report.missing, report.orphans, report.problems) == (1, 1, 2)
     assert f"missing d1:{first}" in report.examples
     assert "orphan d0:stray" in report.examples
+
+
+async def test_the_health_check_spends_no_request_past_a_cap(
+    database: Any, tmp_path: Path, pools: list[Pool]
+) -> None:
+    pool, faults = await opened(capped_config(database, tmp_path, api_request_limit=0))
+    pools.append(pool)
+    await pool.health.run_once()
+    assert (faults["d0"].calls["head"], faults["d1"].calls["head"]) == (0, 1)
