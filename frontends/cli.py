@@ -38,24 +38,14 @@ from appliance.config import (
 )
 from frontends.admin.cli import admin
 from frontends.cli_keys import keys as keys_group
+from frontends.cli_options import DEFAULT_CONFIG, config_option
 
 F = TypeVar("F", bound=Callable[..., object])
 
-_DEFAULT_CONFIG = "cairn.yaml"
+_DEFAULT_CONFIG = DEFAULT_CONFIG
 
 
-def _config_option(func: F) -> F:
-    return click.option(
-        "--config",
-        "-c",
-        "config_path",
-        type=click.Path(path_type=Path),
-        default=_DEFAULT_CONFIG,
-        show_default=True,
-        envvar="CAIRN_CONFIG",
-        show_envvar=True,
-        help="The YAML configuration file.",
-    )(func)
+_config_option = config_option()
 
 
 def _load_or_exit(ctx: click.Context, path: Path) -> CairnConfig:
