@@ -32,6 +32,7 @@ from appliance.placement.pool import PoolState
 from appliance.placement.router import BackendState, Placement, Router
 from appliance.placement.usage import Caps, UsageMeter
 from appliance.services.access import AccessService
+from appliance.services.files import FileService
 from appliance.services.multipart import MultipartService
 from appliance.services.objects import ObjectService
 from appliance.services.workers import GcWorker, Janitor
@@ -199,3 +200,15 @@ async def open_pool(
     except BaseException:
         await _release(store, cpu, backends.values())
         raise
+
+
+def make_file_service(pool: Pool) -> FileService:
+    """The ``FileService`` of a pool, spooling under ``mount.spool_dir``."""
+    return FileService(
+        pool.store,
+        pool.objects,
+        pool.state,
+        chunk_size=pool.config.pool.chunk_size,
+        spool_dir=pool.config.mount.spool_dir,
+        replicas=pool.config.pool.replication_factor,
+    )

@@ -390,6 +390,28 @@ class PoolConfig(BaseModel):
         return value
 
 
+# --------------------------------------------------------------------------- mount
+
+
+class MountConfig(BaseModel):
+    """The FUSE mount (``cairn mount``, ``cairn serve --mount``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    spool_dir: Path = Field(default=Path("cairn-spool"), validate_default=True)
+    """Where files being written are staged until they are committed; relative paths
+    follow the config file. Must survive a restart (uncommitted files are recovered)."""
+    attr_timeout: float = Field(default=1.0, ge=0, le=3600)
+    """Seconds the kernel may cache a file's attributes."""
+    entry_timeout: float = Field(default=1.0, ge=0, le=3600)
+    """Seconds the kernel may cache a name lookup."""
+    allow_other: bool = True
+    """Let every local user use the mount (the kernel checks modes and owners)."""
+
+    _not_empty = field_validator("spool_dir", mode="before")(_path_not_empty)
+    _resolve = field_validator("spool_dir")(_resolve_path)
+
+
 # --------------------------------------------------------------------------- backends
 
 _BACKEND_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
@@ -564,7 +586,7 @@ class BucketConfig(BaseModel):
 
 # --------------------------------------------------------------------------- root
 
-_SECTIONS = ("server", "database", "pool", "backends", "buckets")
+_SECTIONS = ("server", "database", "pool", "mount", "backends", "buckets")
 
 
 class CairnConfig(BaseModel):
@@ -575,6 +597,7 @@ class CairnConfig(BaseModel):
     server: ServerConfig = ServerConfig()
     database: DatabaseConfig = Field(default_factory=lambda: DatabaseConfig(sqlite=SqliteConfig()))
     pool: PoolConfig = PoolConfig()
+    mount: MountConfig = Field(default_factory=MountConfig)
     backends: list[BackendConfig]
     buckets: list[BucketConfig] = []
 
@@ -585,9 +608,10 @@ class CairnConfig(BaseModel):
         # An absent database section means SQLite with defaults (validated, so its
         # relative path is resolved like any other).
         if isinstance(data, Mapping):
-            optional = ("server", "database", "pool", "buckets")
+            optional = ("server", "database", "pool", "mount", "buckets")
             data = {k: v for k, v in data.items() if not (k in optional and v is None)}
             data.setdefault("database", {"sqlite": {}})
+            data.setdefault("mount", {})
         return data
 
     @field_validator("backends")

@@ -72,3 +72,38 @@ class MetadataUnavailable(CairnError):
 
 class InvalidObjectName(CairnError):
     """The key is empty, too long or holds characters Cairn refuses."""
+
+
+# -- file namespace (FileService; the FUSE frontend maps these to errno) -------------
+
+
+class NoSuchPath(CairnError):
+    """No file or directory at this path."""
+
+
+class PathExists(CairnError):
+    """Something already exists where a new entry was to be made."""
+
+
+class NotADirectory(CairnError):
+    """A directory operation named a file (or a path through one)."""
+
+
+class IsADirectory(CairnError):
+    """A file operation named a directory."""
+
+
+class DirectoryNotEmpty(CairnError):
+    pass
+
+
+class NotSupported(CairnError):
+    """The operation has no meaning in Cairn's namespace (e.g. hard links)."""
+
+
+class InvalidArgument(CairnError):
+    """An argument the namespace cannot hold (a reserved attribute name, a bad value)."""
+
+
+class NotPermitted(CairnError):
+    """The operation is refused whatever the caller's rights (e.g. chmod of a bucket)."""

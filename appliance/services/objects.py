@@ -264,6 +264,18 @@ class ChunkedWriter:
         )
         await self.record(version.version_id, ChunkRef(index, offset, len(data), chunk_id), written)
 
+    async def write_chunk(
+        self, version: ObjectVersion, index: int, offset: int, data: bytearray
+    ) -> None:
+        """Write ``data`` as chunk ``index`` at object ``offset`` of an UPLOADING version
+        and record it (a ref with ``seq`` = ``index``), without an object identity: the
+        version is then described by a manifest (``ObjectService.commit_by_reference``).
+        Raises the chunk store's errors and ``MetadataUnavailable``."""
+        digest = asyncio.get_running_loop().create_future()
+        digest.set_result(_sha256(data))
+        prefix = self.prefix(version.bucket, version.key)
+        await self._write_one(version, prefix, index, offset, data, digest, None)
+
     async def record(self, version_id: str, ref: ChunkRef, written: WrittenChunk) -> None:
         """Record a written chunk in an UPLOADING version, or delete its blobs."""
         try:
@@ -462,6 +474,54 @@ class ObjectService:
         except BaseException:
             await self.abort(version.version_id)
             raise
+        committed = await self._store.get_version(version.version_id)
+        return committed if committed is not None else version
+
+    async def commit_by_reference(
+        self, version: ObjectVersion, *, size: int, etag: str
+    ) -> ObjectVersion:
+        """Commit an UPLOADING version whose refs are all recorded (new chunks written
+        with ``ChunkedWriter.write_chunk``, existing ones added with ``add_refs``): write
+        its manifest blob (docs/FORMAT.md), record it as the last ref, and commit.
+
+        The caller aborts the version when this raises (chunk store errors, store errors).
+        """
+        layout = await self._store.get_layout(version.version_id)
+        entries = tuple(
+            ManifestEntry(
+                p.ref.offset,
+                p.ref.length,
+                p.ref.chunk_id,
+                p.ref.chunk_offset,
+                p.locations[0].blob_key if p.locations else "",
+                p.chunk.size,
+                p.chunk.sha256,
+            )
+            for p in layout
+            if p.ref.length > 0
+        )
+        manifest = Manifest(
+            version.version_id,
+            ObjectIdentity(
+                version.bucket,
+                version.key,
+                size,
+                etag,
+                len(entries),
+                dict(version.headers),
+                dict(version.user_metadata),
+            ),
+            entries,
+        )
+        prefix = self.writer.prefix(version.bucket, version.key)
+        written = await self.chunks.write_manifest(
+            manifest, manifest_blob_key(prefix, version.version_id), new_sortable_id()
+        )
+        seq = max((p.ref.seq for p in layout), default=-1) + 1
+        await self.writer.record(
+            version.version_id, ChunkRef(seq, size, 0, written.chunk.chunk_id), written
+        )
+        await self._store.commit_version(version.version_id, size=size, etag=etag)
         committed = await self._store.get_version(version.version_id)
         return committed if committed is not None else version
 
