@@ -112,9 +112,11 @@ class MountDaemon(Daemon):
             import urllib.request
 
             while time.monotonic() < deadline:
-                with contextlib.suppress(OSError):
-                    with urllib.request.urlopen(f"{self.endpoint}/health/ready", timeout=2):
-                        return
+                with (
+                    contextlib.suppress(OSError),
+                    urllib.request.urlopen(f"{self.endpoint}/health/ready", timeout=2),
+                ):
+                    return
                 time.sleep(0.05)
             raise AssertionError("daemon not ready")
 
