@@ -31,6 +31,8 @@ fi
 apt_install fuse3 libfuse3-dev pkg-config gcc || log "FUSE packages could not be installed"
 # Real S3 clients for the end-to-end tests.
 apt_install rclone || log "rclone could not be installed"
+# Programs the mount tests run on the mount (git, tar and sqlite3 usually come with the OS).
+apt_install rsync git sqlite3 || log "rsync, git or sqlite3 could not be installed"
 
 stamp="$venv/.cairn-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
