@@ -407,6 +407,9 @@ class MountConfig(BaseModel):
     """Seconds the kernel may cache a name lookup."""
     allow_other: bool = True
     """Let every local user use the mount (the kernel checks modes and owners)."""
+    read_ahead_kb: int = Field(default=1024, ge=0, le=65536)
+    """Kernel read-ahead of the mount (its bdi ``read_ahead_kb``; needs root; 0 keeps
+    the kernel's default of 128). Larger read-ahead means fewer, larger reads."""
 
     _not_empty = field_validator("spool_dir", mode="before")(_path_not_empty)
     _resolve = field_validator("spool_dir")(_resolve_path)

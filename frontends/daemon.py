@@ -139,6 +139,7 @@ async def _start_mount(pool: Pool, mount: MountRequest, stop: asyncio.Event) -> 
         attr_timeout=pool.config.mount.attr_timeout,
         entry_timeout=pool.config.mount.entry_timeout,
         allow_other=pool.config.mount.allow_other,
+        read_ahead_kb=pool.config.mount.read_ahead_kb,
     )
 
     async def serve_mount() -> None:

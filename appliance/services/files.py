@@ -132,7 +132,9 @@ class _Reader:
     """Reads an opened version by whole chunk pieces, with read-ahead on sequential
     access; keeps at most ``keep`` pieces."""
 
-    def __init__(self, chunks: ChunkStore, handle: ObjectHandle, keep: int = 3) -> None:
+    def __init__(
+        self, chunks: ChunkStore, handle: ObjectHandle, keep: int = 5, ahead: int = 3
+    ) -> None:
         self._chunks = chunks
         self.handle = handle
         self._refs: list[ChunkPlacement] = sorted(
@@ -140,7 +142,8 @@ class _Reader:
         )
         self._starts = [p.ref.offset for p in self._refs]
         self._pieces: OrderedDict[int, asyncio.Task[bytes | bytearray]] = OrderedDict()
-        self._keep = keep
+        self._keep = max(keep, ahead + 1)
+        self._ahead = ahead
         self._last_end = -1
 
     def _piece(self, index: int) -> asyncio.Task[bytes | bytearray]:
@@ -171,8 +174,15 @@ class _Reader:
         if offset >= end:
             return b""
         sequential = offset == self._last_end
-        out = bytearray()
         index = bisect.bisect_right(self._starts, offset) - 1
+        ref = self._refs[index].ref if 0 <= index < len(self._refs) else None
+        if ref is not None and end <= ref.offset + ref.length:  # one piece: one copy
+            data = await self._piece(index)
+            self._last_end = end
+            if sequential:
+                self._read_ahead(index + 1 if end == ref.offset + ref.length else index)
+            return bytes(memoryview(data)[offset - ref.offset : end - ref.offset])
+        out = bytearray()
         pos = offset
         while pos < end and 0 <= index < len(self._refs):
             ref = self._refs[index].ref
@@ -186,9 +196,14 @@ class _Reader:
         if len(out) < end - offset:  # a hole in the layout reads as zeros
             out += bytes(end - offset - len(out))
         self._last_end = end
-        if sequential and 0 <= index < len(self._refs):
-            self._piece(index)  # read ahead: the next piece starts loading now
+        if sequential:
+            self._read_ahead(index)
         return bytes(out)
+
+    def _read_ahead(self, index: int) -> None:
+        """Start loading pieces ``index`` and the next ones (sequential reading)."""
+        for ahead in range(max(index, 0), min(index + self._ahead + 1, len(self._refs))):
+            self._piece(ahead)
 
     def close(self) -> None:
         for task in self._pieces.values():
@@ -930,6 +945,7 @@ class FileService:
                 size=size,
                 headers=node.headers,
                 user_metadata=meta,
+                body_md5=size <= self._chunk_size,
             )
             return
         assert node.base is not None

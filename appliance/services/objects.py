@@ -97,6 +97,10 @@ def _sha256(data: bytes | bytearray) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+async def _done(value: bytes) -> bytes:
+    return value
+
+
 async def _cleanup(awaitable: Awaitable[object]) -> None:
     """Run cleanup to the end even if the caller is cancelled meanwhile."""
     task = asyncio.ensure_future(awaitable)
@@ -138,8 +142,13 @@ class ChunkedWriter:
         size: int | None,
         identity: bool,
         late_headers: Callable[[], Mapping[str, str]] | None = None,
+        body_md5: bool = True,
     ) -> WriteResult:
         """Stream ``body`` into chunks of ``version`` (already begun, UPLOADING).
+
+        Without ``body_md5`` the body is not MD5-hashed (the slowest step of a large
+        write); the ETag is then multipart-style, the MD5 of the chunks' SHA-256
+        digests followed by ``-<chunk count>``, and ``WriteResult.md5`` is empty.
 
         With ``identity`` chunk 0 is held back and written last carrying the object's
         identity (and ``late_headers()``, known once the body is read, e.g. checksums).
@@ -156,6 +165,7 @@ class ChunkedWriter:
         index = 0
         offset = 0
         buffer = bytearray()
+        digests: list[Awaitable[bytes]] = []
 
         async def md5_after(prev: asyncio.Task[None] | None, data: bytearray) -> None:
             if prev is not None:
@@ -170,7 +180,13 @@ class ChunkedWriter:
         async def submit(data: bytearray) -> None:
             nonlocal md5_chain, held, index, offset
             digest: asyncio.Future[bytes]
-            if len(data) < INLINE_HASH_LIMIT and (md5_chain is None or md5_chain.done()):
+            if not body_md5:
+                digest = asyncio.ensure_future(
+                    self._cpu.run(_sha256, data)
+                    if len(data) >= INLINE_HASH_LIMIT
+                    else _done(_sha256(data))
+                )
+            elif len(data) < INLINE_HASH_LIMIT and (md5_chain is None or md5_chain.done()):
                 # small: hashing inline is cheaper than two thread hops
                 md5.update(data)
                 digest = asyncio.get_running_loop().create_future()
@@ -179,6 +195,7 @@ class ChunkedWriter:
                 # MD5 runs over the chunks in order; each chunk's SHA-256 in parallel.
                 md5_chain = asyncio.ensure_future(md5_after(md5_chain, data))
                 digest = asyncio.ensure_future(self._cpu.run(_sha256, data))
+            digests.append(digest)
             this_index, this_offset = index, offset
             index += 1
             offset += len(data)
@@ -214,7 +231,11 @@ class ChunkedWriter:
             pending.clear()
             if md5_chain is not None:
                 await md5_chain
-            etag = md5.hexdigest()
+            if body_md5:
+                etag = md5.hexdigest()
+            else:
+                joined = b"".join([await d for d in digests])
+                etag = f"{hashlib.md5(joined).hexdigest()}-{index}"
             if held is not None:
                 data, digest = held
                 ident = ObjectIdentity(
@@ -227,7 +248,7 @@ class ChunkedWriter:
                     user_metadata=version.user_metadata,
                 )
                 await self._write_one(version, prefix, 0, 0, data, digest, ident)
-            return WriteResult(version.version_id, offset, etag, md5.digest())
+            return WriteResult(version.version_id, offset, etag, md5.digest() if body_md5 else b"")
         except BaseException:
             # Let chunk writes in flight finish and record themselves (at most
             # ``write_ahead``): a write cut off between its blob PUT and its metadata
@@ -369,8 +390,12 @@ class ObjectService:
         content_md5: bytes | None = None,
         late_headers: Callable[[], Mapping[str, str]] | None = None,
         precondition: WritePrecondition | None = None,
+        body_md5: bool = True,
     ) -> WriteResult:
         """Store ``body`` as the new current version of ``key``.
+
+        ``body_md5`` False skips the MD5 of the body (see ``ChunkedWriter.write``; the
+        FUSE frontend's large files).
 
         ``late_headers()`` is called once the body is fully read and its result is
         stored with the object's headers (checksums computed from the body).
@@ -385,7 +410,12 @@ class ObjectService:
         )
         try:
             result = await self.writer.write(
-                version, body, size=size, identity=True, late_headers=late_headers
+                version,
+                body,
+                size=size,
+                identity=True,
+                late_headers=late_headers,
+                body_md5=body_md5 or content_md5 is not None,
             )
             if content_md5 is not None and content_md5 != result.md5:
                 raise BadDigest("the Content-MD5 you specified did not match what was received")

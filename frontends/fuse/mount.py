@@ -26,6 +26,7 @@ class MountOptions:
     attr_timeout: float
     entry_timeout: float
     allow_other: bool
+    read_ahead_kb: int = 0
 
 
 def _import_pyfuse3() -> object:
@@ -50,6 +51,26 @@ def check_available(mountpoint: Path) -> None:
         )
     if not mountpoint.is_dir():
         raise FuseUnavailable(f"mount point {mountpoint} is not a directory")
+
+
+def set_read_ahead(target: str, kib: int) -> None:
+    """Raise the kernel's read-ahead for the mount at ``target`` (a real path, resolved
+    before mounting: never ``stat`` the mount from the loop that answers it).
+    Best effort, root only."""
+    if kib <= 0:
+        return
+    device: str | None = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as info:
+            for line in info:
+                fields = line.split()
+                if len(fields) > 4 and fields[4] == target:
+                    device = fields[2]
+        if device is None:
+            raise OSError(f"{target} is not in /proc/self/mountinfo")
+        Path(f"/sys/class/bdi/{device}/read_ahead_kb").write_text(str(kib))
+    except OSError as exc:
+        log.info("kernel read-ahead left at its default (%s)", exc)
 
 
 def force_unmount(mountpoint: Path) -> None:
@@ -79,17 +100,31 @@ async def run_mount(
     fuse_options |= {"fsname=cairn", "subtype=cairn", "default_permissions"}
     if options.allow_other:
         fuse_options.add("allow_other")
+    # resolved before mounting (resolving stats the path) and off the loop
+    target = await asyncio.to_thread(os.path.realpath, mountpoint)
     try:
-        pyfuse3.init(ops, str(mountpoint), fuse_options)  # type: ignore[attr-defined]
+        pyfuse3.init(ops, target, fuse_options)  # type: ignore[attr-defined]
     except RuntimeError as exc:
         raise FuseUnavailable(f"cannot mount at {mountpoint}: {exc}") from exc
     log.info("mounted the pool at %s", mountpoint)
     main = asyncio.ensure_future(pyfuse3.main(max_tasks=64))  # type: ignore[attr-defined]
+
+    async def read_ahead_after_init() -> None:
+        # the kernel sets read-ahead when it handles FUSE_INIT's reply: set ours after
+        for _ in range(100):
+            if ops.initialized:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        await asyncio.to_thread(set_read_ahead, target, options.read_ahead_kb)
+
+    tuning = asyncio.ensure_future(read_ahead_after_init())
     waiter = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({main, waiter}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         waiter.cancel()
+        tuning.cancel()
         if not main.done():
             pyfuse3.terminate()  # type: ignore[attr-defined]
             try:

@@ -87,6 +87,11 @@ class CairnOperations(pyfuse3.Operations):
         self._handles: dict[int, OpenFile] = {}
         self._dirs: dict[int, _DirHandle] = {}
         self._next_fh = 1
+        self.initialized = False
+
+    def init(self) -> None:
+        """Called once the kernel's FUSE_INIT is handled."""
+        self.initialized = True
 
     # -- helpers -----------------------------------------------------------------------
     def _fh(self) -> int:
