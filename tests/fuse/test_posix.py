@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import stat
 import subprocess
@@ -317,3 +318,14 @@ def test_large_listing_is_paged(mounted: MountDaemon, d: Path) -> None:
         client.put_object(Bucket="e2e", Key=f"{prefix}{i:05d}", Body=b"")
     names = os.listdir(d / "many")
     assert sorted(names) == [f"{i:05d}" for i in range(2500)]
+
+
+def test_mmap_read_and_shared_write(mounted: MountDaemon, d: Path) -> None:
+    path = d / "mapped.bin"
+    path.write_bytes(b"a" * 10000)
+    with path.open("r+b") as f, mmap.mmap(f.fileno(), 0) as view:
+        assert view[5000:5004] == b"aaaa"
+        view[100:105] = b"HELLO"
+        view.flush()
+    assert path.read_bytes()[100:105] == b"HELLO"
+    assert s3_get(mounted, path)[95:110] == b"aaaaaHELLOaaaaa"
