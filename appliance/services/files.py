@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cachetools import TTLCache
+
 from appliance.data.chunkstore import ChunkStore
 from appliance.errors import (
     DirectoryNotEmpty,
@@ -59,7 +61,7 @@ from appliance.services.fileattrs import (
     ns_of,
     xattrs,
 )
-from appliance.services.objects import ObjectHandle, ObjectService, check_key
+from appliance.services.objects import ObjectHandle, ObjectService, WriteResult, check_key
 from appliance.services.spool import Spool
 
 log = logging.getLogger("cairn.files")
@@ -230,6 +232,22 @@ class OpenFile:
     unlinked: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     reader: _Reader | None = None
+    stale: bool = False
+    """``base`` predates this mount's last commit: reload it before use."""
+    stream: asyncio.Task[WriteResult] | None = None
+    """A commit in progress while a new file is written sequentially (write-behind)."""
+    streamed: int = 0
+    grew: asyncio.Event = field(default_factory=asyncio.Event)
+    eof: bool = False
+
+    def stop_stream(self) -> asyncio.Task[WriteResult] | None:
+        """Cancel the write-behind commit (its version is aborted); returns the task."""
+        task, self.stream = self.stream, None
+        self.streamed = 0
+        self.eof = False
+        if task is not None and not task.done():
+            task.cancel()
+        return task
 
     @property
     def dirty(self) -> bool:
@@ -257,6 +275,7 @@ class FileService:
         uid: int | None = None,
         gid: int | None = None,
         clock: Callable[[], int] = now_ns,
+        dir_ttl: float = 1.0,
     ) -> None:
         self._store = store
         self._objects = objects
@@ -268,6 +287,7 @@ class FileService:
         self.gid = os.getgid() if gid is None else gid
         self._clock = clock
         self._open: dict[tuple[str, str], OpenFile] = {}
+        self._dirs: TTLCache[tuple[str, str], FileAttr] = TTLCache(maxsize=4096, ttl=dir_ttl)
 
     def prepare(self) -> None:
         """Create the spool directory (mode 0700). Raises ``OSError``."""
@@ -308,10 +328,12 @@ class FileService:
         version = await self._store.get_current(bucket, path)
         if version is not None:
             return self._file_attr(version)
-        marker = await self._store.get_current(bucket, _dir_key(path))
-        if marker is not None:
-            return self._file_attr(marker, directory=True)
+        # one listing answers "marker or children?"; the marker sorts first
         page = await self._store.list_objects(bucket, prefix=_dir_key(path), limit=1)
+        if page.entries and page.entries[0].key == _dir_key(path):
+            marker = await self._store.get_current(bucket, _dir_key(path))
+            if marker is not None:
+                return self._file_attr(marker, directory=True)
         if page.entries:
             return self._implicit_dir(ns_of(page.entries[0].last_modified))
         if any(b == bucket and k.startswith(_dir_key(path)) for b, k in self._open):
@@ -319,10 +341,23 @@ class FileService:
         raise NoSuchPath(path)
 
     async def _require_dir(self, bucket: str, path: str) -> FileAttr:
+        """The attributes of directory ``path``; a directory seen in the last second is
+        not looked up again (creating many files in one directory)."""
+        known = self._dirs.get((bucket, path))
+        if known is not None:
+            return known
         attr = await self.stat(bucket, path)
         if not attr.is_dir:
             raise NotADirectory(path)
+        self._dirs[(bucket, path)] = attr
         return attr
+
+    def _dir_changed(self, bucket: str, path: str | None = None) -> None:
+        """Forget cached directory attributes (one directory, or all with None)."""
+        if path is None:
+            self._dirs.clear()
+        else:
+            self._dirs.pop((bucket, path), None)
 
     async def list_dir(
         self, bucket: str, path: str, *, after: str | None = None, limit: int = LIST_PAGE
@@ -410,12 +445,13 @@ class FileService:
             raise NoSuchPath(key)
         return version
 
-    async def _check_new(self, bucket: str, path: str) -> None:
-        parent = path.rpartition(SEP)[0]
-        await self._require_dir(bucket, parent)
+    async def _check_new(self, bucket: str, path: str) -> FileAttr:
+        """The parent's attributes, once sure ``path`` can be made there."""
+        parent = await self._require_dir(bucket, path.rpartition(SEP)[0])
         with contextlib.suppress(NoSuchPath):
             await self.stat(bucket, path)
             raise PathExists(path)
+        return parent
 
     def _new_attr(self, mode: int, uid: int, gid: int, parent: FileAttr, rdev: int = 0) -> FileAttr:
         now = self._clock()
@@ -428,9 +464,9 @@ class FileService:
     async def mkdir(self, bucket: str, path: str, mode: int, uid: int, gid: int) -> FileAttr:
         """Create a directory marker. Raises ``PathExists``, ``NoSuchPath``,
         ``NotADirectory`` (a parent is a file)."""
-        parent = await self._require_dir(bucket, path.rpartition(SEP)[0])
-        await self._check_new(bucket, path)
+        parent = await self._check_new(bucket, path)
         attr = self._new_attr(stat.S_IFDIR | stat.S_IMODE(mode), uid, gid, parent)
+        self._dir_changed(bucket, path)
         version = await self._put_small(bucket, _dir_key(path), b"", attr, {})
         return self._file_attr(version, directory=True)
 
@@ -441,15 +477,13 @@ class FileService:
         as a device). Raises like ``mkdir``."""
         if stat.S_IFMT(mode) == 0:
             mode |= stat.S_IFREG
-        parent = await self._require_dir(bucket, path.rpartition(SEP)[0])
-        await self._check_new(bucket, path)
+        parent = await self._check_new(bucket, path)
         attr = self._new_attr(mode, uid, gid, parent, rdev)
         return self._file_attr(await self._put_small(bucket, path, b"", attr, {}))
 
     async def symlink(self, bucket: str, path: str, target: str, uid: int, gid: int) -> FileAttr:
         """Create a symbolic link (the object's body is the target)."""
-        parent = await self._require_dir(bucket, path.rpartition(SEP)[0])
-        await self._check_new(bucket, path)
+        parent = await self._check_new(bucket, path)
         attr = self._new_attr(stat.S_IFLNK | 0o777, uid, gid, parent)
         body = target.encode("utf-8", "surrogateescape")
         version = await self._put_small(bucket, path, body, attr, {})
@@ -483,6 +517,7 @@ class FileService:
         """Detach an open file from its path (unlinked or replaced by a rename): its
         handles keep reading what it holds; nothing of it is committed any more."""
         node.unlinked = True
+        node.stop_stream()
         self._open.pop((node.bucket, node.key), None)
         if node.spool is not None:
             node.spool.detach()
@@ -497,6 +532,7 @@ class FileService:
         page = await self._store.list_objects(bucket, prefix=prefix, limit=2)
         if any(e.key != prefix for e in page.entries) or self.pending_names(bucket, path):
             raise DirectoryNotEmpty(path)
+        self._dir_changed(bucket, path)
         await self._store.delete_object(bucket, prefix)
 
     async def rename(
@@ -535,6 +571,7 @@ class FileService:
             if not source.is_dir and target.is_dir:
                 raise IsADirectory(dst)
         if source.is_dir:
+            self._dir_changed(bucket)
             if bucket == dst_bucket and dst.startswith(_dir_key(src)):
                 raise InvalidArgument("a directory cannot move into itself")
             if target is not None:
@@ -546,6 +583,7 @@ class FileService:
             self._forget_node(replaced)
         node = self._open.pop((bucket, src), None)
         if node is not None:
+            await _finish_cancel(node.stop_stream())
             node.key, node.bucket = dst, dst_bucket
             node.attr = node.attr.with_changes(ctime_ns=self._clock())
             node.meta_dirty = True
@@ -573,6 +611,7 @@ class FileService:
         node = self._open.get((dst_bucket, dst))
         if node is not None:
             node.base = await self._objects.open_object(dst_bucket, dst)
+            node.stale = False
             node.committed = True
             if node.reader is not None:
                 node.reader.close()
@@ -582,6 +621,7 @@ class FileService:
         old, new = _dir_key(src), _dir_key(dst)
         for (b, key), node in list(self._open.items()):
             if b == bucket and key.startswith(old):
+                await _finish_cancel(node.stop_stream())
                 del self._open[(b, key)]
                 node.bucket, node.key = dst_bucket, new + key[len(old) :]
                 self._open[(node.bucket, node.key)] = node
@@ -614,6 +654,7 @@ class FileService:
         if not path:
             raise NotPermitted("a bucket's root has no attributes of its own")
         if attr.is_dir:
+            self._dir_changed(bucket, path)
             key = _dir_key(path)
             if await self._store.get_current(bucket, key) is None:
                 version = await self._put_small(bucket, key, b"", attr, extra)
@@ -685,6 +726,7 @@ class FileService:
         if changes.size is not None and changes.size != node.attr.size:
             if not new.is_regular:
                 raise InvalidArgument("only regular files can be truncated")
+            await _finish_cancel(node.stop_stream())
             spool = await self._spool_of(node)
             if changes.size > spool.size:
                 await self._check_room(changes.size - spool.size)
@@ -762,7 +804,14 @@ class FileService:
         """Raise ``NoCapacity`` when the spooled bytes of every open file plus ``more``
         would not fit in the pool's free space (one chunk header per chunk counted)."""
         cap = await self.capacity()
-        pending = sum(n.spool.new_bytes() for n in self._open.values() if n.spool is not None)
+        # Bytes already handed to a write-behind commit are reserved in the pool once
+        # their chunk write starts; up to three chunks of them are not yet (chunk 0 is
+        # held back, one is being filled, one waits for a write slot).
+        pending = sum(
+            max(0, n.spool.new_bytes() - n.streamed) + min(n.streamed, 3 * self._chunk_size)
+            for n in self._open.values()
+            if n.spool is not None
+        )
         need = pending + more
         need += (need // self._chunk_size + 1) * 512
         if need > cap.free_bytes:
@@ -803,8 +852,7 @@ class FileService:
         through S3 at its first commit. Raises ``PathExists``, ``NoSuchPath``,
         ``NotADirectory``, ``InvalidObjectName``."""
         check_key(path)
-        parent = await self._require_dir(bucket, path.rpartition(SEP)[0])
-        await self._check_new(bucket, path)
+        parent = await self._check_new(bucket, path)
         attr = self._new_attr(stat.S_IFREG | stat.S_IMODE(mode), uid, gid, parent)
         guess = mimetypes.guess_type(path)[0] or "application/octet-stream"
         node = OpenFile(bucket, path, attr, {}, {"Content-Type": guess}, None, handles=1)
@@ -813,11 +861,21 @@ class FileService:
 
     def version_of(self, node: OpenFile) -> str | None:
         """The version a clean open file shows (for the kernel's page cache)."""
-        return None if node.dirty or node.base is None else node.base.version.version_id
+        if node.dirty or node.stale or node.base is None:
+            return None
+        return node.base.version.version_id
+
+    async def _base(self, node: OpenFile) -> ObjectHandle | None:
+        """The version this open file builds on (reloaded after this mount's commit)."""
+        if node.stale:
+            node.base = await self._objects.open_object(node.bucket, node.key)
+            node.stale = False
+        return node.base
 
     async def _spool_of(self, node: OpenFile) -> Spool:
         if node.spool is None:
-            base = node.base.version if node.base is not None else None
+            handle = await self._base(node)
+            base = handle.version if handle is not None else None
             node.spool = Spool.create(
                 self._spool_dir,
                 new_sortable_id(),
@@ -846,7 +904,7 @@ class FileService:
             return bytes(out)
 
     async def _read_base(self, node: OpenFile, offset: int, length: int) -> bytes:
-        if node.base is None:
+        if await self._base(node) is None or node.base is None:
             return b""
         if node.reader is None or node.reader.handle is not node.base:
             if node.reader is not None:
@@ -870,10 +928,17 @@ class FileService:
             fills = spool.fills_for_write(offset, end)
             if grows or fills:
                 await self._check_room(max(0, end - spool.size) + sum(b - a for a, b in fills))
+            sequential = offset == spool.size
+            if node.stream is not None and (not sequential or node.stream.done()):
+                await self._end_stream(node)
             for start, stop in fills:
                 spool.pwrite(start, await self._read_base(node, start, stop - start))
             spool.mark_dirty(offset, end)
             spool.pwrite(offset, data)
+            if node.stream is not None:
+                node.grew.set()
+            elif sequential and spool.size >= cs and self._can_stream(node, spool):
+                self._start_stream(node, spool)
             now = self._clock()
             node.attr = node.attr.with_changes(size=spool.size, mtime_ns=now, ctime_ns=now)
             return len(data)
@@ -918,22 +983,95 @@ class FileService:
         if node.unlinked or not node.dirty:
             return
         meta = encode(node.attr, node.xattrs)
-        if node.spool is None and node.committed and node.base is not None:
+        base = await self._base(node) if node.committed else None
+        if node.spool is None and base is not None:
             copied = await self._objects.copy_object(
-                node.base, node.bucket, node.key, user_metadata=meta
+                base, node.bucket, node.key, user_metadata=meta
             )
-            node.base = ObjectHandle(copied, node.base.layout)
+            node.base = ObjectHandle(copied, base.layout)
+            node.attr = self._file_attr(copied)
         else:
             await self._commit_spool(node, meta)
-            node.base = await self._objects.open_object(node.bucket, node.key)
+            # reloaded only if used again: a file closed for good costs no query more
+            node.stale = True
+            node.attr = node.attr.with_changes(
+                size=node.spool.size if node.spool is not None else 0
+            )
         node.committed = True
         node.meta_dirty = False
-        node.attr = self._file_attr(node.base.version)
         if node.spool is not None:
             node.spool.remove()
             node.spool = None
 
+    # -- write-behind: a new file written front to back is committed as it grows ------
+    def _can_stream(self, node: OpenFile, spool: Spool) -> bool:
+        return not node.unlinked and spool.base_size == 0 and not spool.dirty
+
+    def _start_stream(self, node: OpenFile, spool: Spool) -> None:
+        node.eof = False
+        node.streamed = 0
+        node.grew.clear()
+
+        def metadata() -> dict[str, str]:
+            return encode(node.attr, node.xattrs)
+
+        node.stream = asyncio.ensure_future(
+            self._objects.put_object(
+                node.bucket,
+                node.key,
+                self._follow(node, spool),
+                size=None,
+                headers=node.headers,
+                user_metadata=metadata(),
+                body_md5=False,
+                late_metadata=metadata,
+            )
+        )
+
+    async def _follow(self, node: OpenFile, spool: Spool) -> AsyncIterator[bytes]:
+        """The spool's bytes as they arrive, a chunk at a time, until ``node.eof``."""
+        sent = 0
+        while True:
+            ready = spool.size - sent
+            if ready >= self._chunk_size or (node.eof and ready > 0):
+                n = min(ready, self._chunk_size)
+                data = await asyncio.to_thread(spool.pread, sent, n)
+                sent += len(data)
+                node.streamed = sent
+                yield data
+                continue
+            if node.eof:
+                return
+            node.grew.clear()
+            await node.grew.wait()
+
+    async def _end_stream(self, node: OpenFile) -> None:
+        """Give up write-behind (a write out of order, or the stream failed); re-raises
+        ``NoCapacity`` from the stream so the write that hit it fails at once."""
+        task = node.stop_stream()
+        if task is None:
+            return
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        except NoCapacity:
+            raise
+        except Exception as exc:
+            log.warning(
+                "%s/%s: write-behind stopped (%s); committing at close", node.bucket, node.key, exc
+            )
+
     async def _commit_spool(self, node: OpenFile, meta: dict[str, str]) -> None:
+        if node.stream is not None:
+            task = node.stream
+            node.eof = True
+            node.grew.set()
+            try:
+                await task
+            finally:
+                node.stop_stream()
+            return
         spool = node.spool
         segments = spool.segments() if spool is not None else []
         if spool is None or not any(s.from_base for s in segments):
@@ -948,8 +1086,9 @@ class FileService:
                 body_md5=size <= self._chunk_size,
             )
             return
-        assert node.base is not None
-        await self._commit_partial(node, spool, node.base, meta)
+        base = await self._base(node)
+        assert base is not None
+        await self._commit_partial(node, spool, base, meta)
 
     async def _stream_spool(self, spool: Spool | None, size: int) -> AsyncIterator[bytes]:
         pos = 0
@@ -1109,6 +1248,13 @@ class FileService:
             )
             spool.close()
             return Recovered(spool.bucket, spool.key, None, size, f"kept: {exc}")
+
+
+async def _finish_cancel(task: asyncio.Task[WriteResult] | None) -> None:
+    """Wait for a cancelled write-behind commit to finish aborting."""
+    if task is not None:
+        with contextlib.suppress(BaseException):
+            await task
 
 
 def _epoch() -> datetime:

@@ -143,8 +143,12 @@ class ChunkedWriter:
         identity: bool,
         late_headers: Callable[[], Mapping[str, str]] | None = None,
         body_md5: bool = True,
+        late_metadata: Callable[[], Mapping[str, str]] | None = None,
     ) -> WriteResult:
         """Stream ``body`` into chunks of ``version`` (already begun, UPLOADING).
+
+        ``late_metadata()``, when given, replaces the version's user metadata in chunk 0's
+        identity (known only once the body is read, e.g. a file's mtime).
 
         Without ``body_md5`` the body is not MD5-hashed (the slowest step of a large
         write); the ETag is then multipart-style, the MD5 of the chunks' SHA-256
@@ -245,7 +249,7 @@ class ChunkedWriter:
                     etag=etag,
                     chunk_count=index,
                     headers={**version.headers, **(late_headers() if late_headers else {})},
-                    user_metadata=version.user_metadata,
+                    user_metadata=late_metadata() if late_metadata else version.user_metadata,
                 )
                 await self._write_one(version, prefix, 0, 0, data, digest, ident)
             return WriteResult(version.version_id, offset, etag, md5.digest() if body_md5 else b"")
@@ -391,8 +395,12 @@ class ObjectService:
         late_headers: Callable[[], Mapping[str, str]] | None = None,
         precondition: WritePrecondition | None = None,
         body_md5: bool = True,
+        late_metadata: Callable[[], Mapping[str, str]] | None = None,
     ) -> WriteResult:
         """Store ``body`` as the new current version of ``key``.
+
+        ``late_metadata()`` is called once the body is fully read; its result replaces
+        ``user_metadata`` (the FUSE frontend streams a file while it is being written).
 
         ``body_md5`` False skips the MD5 of the body (see ``ChunkedWriter.write``; the
         FUSE frontend's large files).
@@ -416,6 +424,7 @@ class ObjectService:
                 identity=True,
                 late_headers=late_headers,
                 body_md5=body_md5 or content_md5 is not None,
+                late_metadata=late_metadata,
             )
             if content_md5 is not None and content_md5 != result.md5:
                 raise BadDigest("the Content-MD5 you specified did not match what was received")
@@ -426,6 +435,7 @@ class ObjectService:
                     size=result.size,
                     etag=result.etag,
                     headers={**version.headers, **extra} if extra else None,
+                    user_metadata=late_metadata() if late_metadata else None,
                     precondition=precondition,
                 )
             except meta_errors.PreconditionFailed as exc:

@@ -165,7 +165,7 @@ class Spool:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = -1
-        for path in (self.data_path, self.journal_path, self.journal_path.with_suffix(".tmp")):
+        for path in (self.data_path, self.journal_path):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
