@@ -10,7 +10,9 @@ Two sets of backends, each measured in the same run:
 Rclone runs with ``--vfs-cache-mode writes --vfs-write-back 0s``: its ``close`` returns
 before the upload, so its write rows are timed until the bytes are in the backend (the
 point where Cairn's ``close`` returns), and the time ``close`` took is shown as well.
-Every read starts on a fresh mount with the kernel's caches dropped (root only).
+The large read starts on a fresh mount with the kernel's caches dropped (root only) and
+rclone's cache directory emptied, so both read from the backend. The small files are
+created, stat'ed and read in one session: rclone may serve them from its write cache.
 
 Rows: sequential write and read of one large file (1 MiB blocks), and create + stat +
 read of many small files, one process, one file at a time. The Cairn S3 row does the same
@@ -144,10 +146,13 @@ def measure_mount(
     count: int,
     large_in_backend: Callable[[], bool],
     small_in_backend: Callable[[], bool],
+    local_cache: Path | None = None,
 ) -> Row:
     size_mb = big.stat().st_size / MiB
     with remount() as mnt:
         closed, durable = write_large(big, mnt / "big.bin", large_in_backend)
+    if local_cache is not None:  # the read must come from the backend, not a local copy
+        shutil.rmtree(local_cache, ignore_errors=True)
     drop_caches()
     with remount() as mnt:
         read = read_large(mnt / "big.bin")
@@ -293,7 +298,15 @@ def run_rclone(
         with mounted(args, mnt, env):
             yield mnt
 
-    return measure_mount(remount, big, payload, count, large_in_backend, small_in_backend)
+    return measure_mount(
+        remount,
+        big,
+        payload,
+        count,
+        large_in_backend,
+        small_in_backend,
+        local_cache=tmp / f"rclone-{label}-cache",
+    )
 
 
 def main() -> None:

@@ -6,6 +6,8 @@ Contracts:
   ``config error in F:`` and one problem per line to stderr and exits 1.
 - ``cairn init [--output F] [--force]``: writes a commented starter config that validates,
   with freshly generated S3 credentials; refuses to overwrite a file without ``--force``.
+- ``cairn mount DIR --config F [--bucket B]``: the core and the FUSE mount, no HTTP
+  (``frontends.daemon.serve`` in ``mount`` mode; exit 2 when the mount cannot be made).
 - ``cairn serve --config F [--mode all|api|worker] [--mount DIR]``: validates, refuses
   modes SQLite cannot support, then hands over to ``frontends.daemon.serve`` and exits
   with its return code (2 when the daemon is not available).
@@ -360,8 +362,7 @@ def serve(
 def mount(ctx: click.Context, directory: Path, config_path: Path, bucket: str | None) -> None:
     """Mount the pool at DIRECTORY with FUSE until SIGTERM/SIGINT (no HTTP listener)."""
     config = _load_or_exit(ctx, config_path)
-    from frontends import daemon
-
+    daemon = importlib.import_module("frontends.daemon")
     code = daemon.serve(config, mode="mount", mount=directory, bucket=bucket)
     ctx.exit(int(code))
 

@@ -1028,14 +1028,14 @@ class FileService:
             )
         )
 
-    async def _follow(self, node: OpenFile, spool: Spool) -> AsyncIterator[bytes]:
+    async def _follow(self, node: OpenFile, spool: Spool) -> AsyncIterator[bytearray]:
         """The spool's bytes as they arrive, a chunk at a time, until ``node.eof``."""
         sent = 0
         while True:
             ready = spool.size - sent
             if ready >= self._chunk_size or (node.eof and ready > 0):
                 n = min(ready, self._chunk_size)
-                data = await asyncio.to_thread(spool.pread, sent, n)
+                data = await asyncio.to_thread(spool.pread_into, sent, n)
                 sent += len(data)
                 node.streamed = sent
                 yield data
@@ -1090,14 +1090,14 @@ class FileService:
         assert base is not None
         await self._commit_partial(node, spool, base, meta)
 
-    async def _stream_spool(self, spool: Spool | None, size: int) -> AsyncIterator[bytes]:
+    async def _stream_spool(self, spool: Spool | None, size: int) -> AsyncIterator[bytearray]:
         pos = 0
         while spool is not None and pos < size:
             n = min(self._chunk_size, size - pos)
             data = (
-                await asyncio.to_thread(spool.pread, pos, n)
+                await asyncio.to_thread(spool.pread_into, pos, n)
                 if n > READ_PIECE
-                else spool.pread(pos, n)
+                else spool.pread_into(pos, n)
             )
             if not data:
                 break

@@ -137,7 +137,7 @@ class ChunkedWriter:
     async def write(
         self,
         version: ObjectVersion,
-        body: AsyncIterable[bytes],
+        body: AsyncIterable[bytes | bytearray],
         *,
         size: int | None,
         identity: bool,
@@ -216,6 +216,11 @@ class ChunkedWriter:
 
         try:
             async for piece in body:
+                if not buffer and isinstance(piece, bytearray) and len(piece) == self._chunk_size:
+                    await submit(piece)  # a whole chunk handed over: taken without a copy
+                    if size is not None and offset > size:
+                        raise IncompleteBody(f"the body is longer than the declared {size} bytes")
+                    continue
                 view = memoryview(piece)
                 while view:
                     take = min(len(view), self._chunk_size - len(buffer))
@@ -386,7 +391,7 @@ class ObjectService:
         self,
         bucket: str,
         key: str,
-        body: AsyncIterable[bytes],
+        body: AsyncIterable[bytes | bytearray],
         *,
         size: int | None,
         headers: Mapping[str, str] | None = None,

@@ -173,6 +173,14 @@ class Spool:
     def pread(self, offset: int, length: int) -> bytes:
         return os.pread(self._fd, length, offset)
 
+    def pread_into(self, offset: int, length: int) -> bytearray:
+        """``length`` bytes from ``offset`` into a new buffer (short at the end)."""
+        buffer = bytearray(length)
+        done = os.preadv(self._fd, [buffer], offset)
+        if done < length:
+            del buffer[done:]
+        return buffer
+
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write spool bytes; the caller has filled the touched chunks' base ranges
         (``fills_for_write``) and marks them dirty (``mark_dirty``)."""
