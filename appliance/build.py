@@ -53,6 +53,7 @@ from appliance.placement.usage import Caps, UsageMeter
 from appliance.services.access import AccessService
 from appliance.services.admin import AdminService
 from appliance.services.bucketconfig import BucketConfigService
+from appliance.services.files import FileService
 from appliance.services.fsck import Fsck
 from appliance.services.keys import KeyService
 from appliance.services.multipart import MultipartService
@@ -423,3 +424,15 @@ async def open_pool(
                 await keyring.close()
         await _release(store, cpu, backends.values(), disk)
         raise
+
+
+def make_file_service(pool: Pool) -> FileService:
+    """The ``FileService`` of a pool, spooling under ``mount.spool_dir``."""
+    return FileService(
+        pool.store,
+        pool.objects,
+        pool.state,
+        chunk_size=pool.config.pool.chunk_size,
+        spool_dir=pool.config.mount.spool_dir,
+        replicas=pool.config.pool.replication_factor,
+    )

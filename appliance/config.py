@@ -523,6 +523,31 @@ class CacheConfig(BaseModel):
         return self
 
 
+# --------------------------------------------------------------------------- mount
+
+
+class MountConfig(BaseModel):
+    """The FUSE mount (``cairn mount``, ``cairn serve --mount``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    spool_dir: Path = Field(default=Path("cairn-spool"), validate_default=True)
+    """Where files being written are staged until they are committed; relative paths
+    follow the config file. Must survive a restart (uncommitted files are recovered)."""
+    attr_timeout: float = Field(default=1.0, ge=0, le=3600)
+    """Seconds the kernel may cache a file's attributes."""
+    entry_timeout: float = Field(default=1.0, ge=0, le=3600)
+    """Seconds the kernel may cache a name lookup."""
+    allow_other: bool = True
+    """Let every local user use the mount (the kernel checks modes and owners)."""
+    read_ahead_kb: int = Field(default=1024, ge=0, le=65536)
+    """Kernel read-ahead of the mount (its bdi ``read_ahead_kb``; needs root; 0 keeps
+    the kernel's default of 128). Larger read-ahead means fewer, larger reads."""
+
+    _not_empty = field_validator("spool_dir", mode="before")(_path_not_empty)
+    _resolve = field_validator("spool_dir")(_resolve_path)
+
+
 # --------------------------------------------------------------------------- backends
 
 _BACKEND_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
@@ -841,6 +866,7 @@ _SECTIONS = (
     "database",
     "pool",
     "cache",
+    "mount",
     "encryption",
     "backends",
     "buckets",
@@ -858,6 +884,7 @@ class CairnConfig(BaseModel):
     pool: PoolConfig = PoolConfig()
     cache: CacheConfig = CacheConfig()
     encryption: EncryptionConfig = EncryptionConfig()
+    mount: MountConfig = Field(default_factory=MountConfig)
     backends: list[BackendConfig]
     buckets: list[BucketConfig] = []
     credentials: list[AccessKeyConfig] = []
@@ -874,12 +901,14 @@ class CairnConfig(BaseModel):
                 "database",
                 "pool",
                 "cache",
+                "mount",
                 "encryption",
                 "buckets",
                 "credentials",
             )
             data = {k: v for k, v in data.items() if not (k in optional and v is None)}
             data.setdefault("database", {"sqlite": {}})
+            data.setdefault("mount", {})
         return data
 
     @field_validator("backends")

@@ -95,9 +95,41 @@ class AccessKeyExists(CairnError):
 
 
 class InvalidArgument(CairnError):
-    """A parameter of an admin or S3 call is malformed or out of range."""
+    """A parameter is malformed or out of range (an admin or S3 call; in the file
+    namespace, a reserved attribute name or a value it cannot hold)."""
 
 
 class KeyUnavailable(CairnError):
     """The master key that wraps a data key is not configured or cannot be reached
     (Vault down, key missing from ``previous_keys``). No data is returned or written."""
+
+
+# -- file namespace (FileService; the FUSE frontend maps these to errno) -------------
+
+
+class NoSuchPath(CairnError):
+    """No file or directory at this path."""
+
+
+class PathExists(CairnError):
+    """Something already exists where a new entry was to be made."""
+
+
+class NotADirectory(CairnError):
+    """A directory operation named a file (or a path through one)."""
+
+
+class IsADirectory(CairnError):
+    """A file operation named a directory."""
+
+
+class DirectoryNotEmpty(CairnError):
+    pass
+
+
+class NotSupported(CairnError):
+    """The operation has no meaning in Cairn's namespace (e.g. hard links)."""
+
+
+class NotPermitted(CairnError):
+    """The operation is refused whatever the caller's rights (e.g. chmod of a bucket)."""

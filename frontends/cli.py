@@ -6,6 +6,8 @@ Contracts:
   ``config error in F:`` and one problem per line to stderr and exits 1.
 - ``cairn init [--output F] [--force]``: writes a commented starter config that validates,
   with freshly generated S3 credentials; refuses to overwrite a file without ``--force``.
+- ``cairn mount DIR --config F [--bucket B]``: the core and the FUSE mount, no HTTP
+  (``frontends.daemon.serve`` in ``mount`` mode; exit 2 when the mount cannot be made).
 - ``cairn serve --config F [--mode all|api|worker] [--mount DIR]``: validates, refuses
   modes SQLite cannot support, then hands over to ``frontends.daemon.serve`` and exits
   with its return code (2 when the daemon is not available).
@@ -38,24 +40,14 @@ from appliance.config import (
 )
 from frontends.admin.cli import admin
 from frontends.cli_keys import keys as keys_group
+from frontends.cli_options import DEFAULT_CONFIG, config_option
 
 F = TypeVar("F", bound=Callable[..., object])
 
-_DEFAULT_CONFIG = "cairn.yaml"
+_DEFAULT_CONFIG = DEFAULT_CONFIG
 
 
-def _config_option(func: F) -> F:
-    return click.option(
-        "--config",
-        "-c",
-        "config_path",
-        type=click.Path(path_type=Path),
-        default=_DEFAULT_CONFIG,
-        show_default=True,
-        envvar="CAIRN_CONFIG",
-        show_envvar=True,
-        help="The YAML configuration file.",
-    )(func)
+_config_option = config_option()
 
 
 def _load_or_exit(ctx: click.Context, path: Path) -> CairnConfig:
@@ -393,8 +385,15 @@ def init(ctx: click.Context, output: Path, force: bool) -> None:
     default=None,
     help="Also mount the pool with FUSE at this directory.",
 )
+@click.option(
+    "--bucket",
+    default=None,
+    help="With --mount: mount this one bucket at the mount point instead of all buckets.",
+)
 @click.pass_context
-def serve(ctx: click.Context, config_path: Path, mode: str, mount: Path | None) -> None:
+def serve(
+    ctx: click.Context, config_path: Path, mode: str, mount: Path | None, bucket: str | None
+) -> None:
     """Run the daemon."""
     config = _load_or_exit(ctx, config_path)
     if config.database.kind == "sqlite" and mode != "all":
@@ -412,7 +411,24 @@ def serve(ctx: click.Context, config_path: Path, mode: str, mount: Path | None) 
     except ImportError as exc:
         click.echo(f"serve is not available yet ({exc})", err=True)
         ctx.exit(2)
-    code = daemon.serve(config, mode=mode, mount=mount)
+    code = daemon.serve(config, mode=mode, mount=mount, bucket=bucket)
+    ctx.exit(int(code))
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@_config_option
+@click.option(
+    "--bucket",
+    default=None,
+    help="Mount this one bucket at DIRECTORY (default: every bucket as a subdirectory).",
+)
+@click.pass_context
+def mount(ctx: click.Context, directory: Path, config_path: Path, bucket: str | None) -> None:
+    """Mount the pool at DIRECTORY with FUSE until SIGTERM/SIGINT (no HTTP listener)."""
+    config = _load_or_exit(ctx, config_path)
+    daemon = importlib.import_module("frontends.daemon")
+    code = daemon.serve(config, mode="mount", mount=directory, bucket=bucket)
     ctx.exit(int(code))
 
 

@@ -24,22 +24,12 @@ from appliance.config import ConfigError, load_config
 from appliance.errors import CairnError
 from appliance.meta.errors import MetaError
 from appliance.services.keys import JobProgress, JobState, KeyStatus
+from frontends.cli_options import config_option
 
 EXIT_PAUSED = 3
 
 
-def _config_option(func: Callable[..., object]) -> Callable[..., object]:
-    return click.option(
-        "--config",
-        "-c",
-        "config_path",
-        type=click.Path(path_type=Path),
-        default="cairn.yaml",
-        show_default=True,
-        envvar="CAIRN_CONFIG",
-        show_envvar=True,
-        help="The YAML configuration file.",
-    )(func)
+_config_option = config_option()
 
 
 def _describe(progress: JobProgress) -> str:

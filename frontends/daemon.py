@@ -15,11 +15,12 @@ import ctypes.util
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
 
-from appliance.build import Pool, open_pool
+from appliance.build import Pool, make_file_service, open_pool
 from appliance.config import CairnConfig
 from appliance.errors import KeyUnavailable
 from appliance.meta.errors import MetaError
@@ -28,6 +29,18 @@ from frontends.admin.server import AdminApi
 from frontends.s3.server import S3Frontend
 
 log = logging.getLogger("cairn.daemon")
+
+
+class MountFailed(Exception):
+    """The FUSE mount could not be made or failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class MountRequest:
+    path: Path
+    bucket: str | None
+
+
 POOL_KEY = web.AppKey("pool", Pool)
 SHUTDOWN_GRACE = 30
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -140,7 +153,37 @@ def _start_workers(
     ]
 
 
-async def _run(config: CairnConfig, mode: str) -> int:
+async def _start_mount(pool: Pool, mount: MountRequest, stop: asyncio.Event) -> asyncio.Task[None]:
+    """Recover the spool, then mount; the task ends when unmounted (and sets ``stop``)."""
+    from frontends.fuse.mount import MountOptions, run_mount
+
+    files = make_file_service(pool)
+    files.prepare()
+    for item in await files.recover():
+        if item.committed_as is None:
+            log.error("spool recovery: %s/%s: %s", item.bucket, item.key, item.detail)
+    options = MountOptions(
+        bucket=mount.bucket,
+        attr_timeout=pool.config.mount.attr_timeout,
+        entry_timeout=pool.config.mount.entry_timeout,
+        allow_other=pool.config.mount.allow_other,
+        read_ahead_kb=pool.config.mount.read_ahead_kb,
+    )
+
+    async def serve_mount() -> None:
+        try:
+            await run_mount(files, mount.path, options, stop)
+        finally:
+            stop.set()
+
+    if mount.bucket is not None and await pool.store.get_bucket(mount.bucket) is None:
+        raise MountFailed(f"bucket {mount.bucket!r} does not exist")
+    task = asyncio.create_task(serve_mount(), name="fuse")
+    await asyncio.sleep(0)
+    return task
+
+
+async def _run(config: CairnConfig, mode: str, mount: MountRequest | None = None) -> int:
     pool = await open_pool(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -150,9 +193,14 @@ async def _run(config: CairnConfig, mode: str) -> int:
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=30)
     admin_runner = web.AppRunner(build_admin_app(pool), handle_signals=False)
     workers: list[asyncio.Task[None]] = []
+    fuse: asyncio.Task[None] | None = None
     try:
-        workers = _start_workers(pool, stop, background=mode in ("worker", "all"))
-        if mode in ("api", "all"):
+        workers = _start_workers(pool, stop, background=mode in ("worker", "all", "mount"))
+        if mount is not None:
+            fuse = await _start_mount(pool, mount, stop)
+        if mode == "mount":
+            log.info("cairn: the pool is mounted at %s", mount.path if mount else "?")
+        elif mode in ("api", "all"):
             await runner.setup()
             site = web.TCPSite(runner, config.server.host, config.server.port)
             await site.start()
@@ -185,10 +233,14 @@ async def _run(config: CairnConfig, mode: str) -> int:
             )
     finally:
         stop.set()
+        if fuse is not None:
+            await asyncio.gather(fuse, return_exceptions=True)
         await runner.cleanup()
         await admin_runner.cleanup()
         await asyncio.gather(*workers, return_exceptions=True)
         await pool.close()
+    if fuse is not None and fuse.done() and not fuse.cancelled() and fuse.exception():
+        raise MountFailed(str(fuse.exception()))
     return 0
 
 
@@ -205,17 +257,30 @@ def _return_big_buffers_to_the_os() -> None:
         libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
 
 
-def serve(config: CairnConfig, *, mode: str, mount: Path | None) -> int:
-    """Run the daemon until a stop signal; return the process exit code."""
+def serve(config: CairnConfig, *, mode: str, mount: Path | None, bucket: str | None = None) -> int:
+    """Run the daemon until a stop signal; return the process exit code.
+
+    ``mode`` ``mount`` (``cairn mount``) runs the core, the workers and the FUSE mount
+    without an HTTP listener. A mount that cannot be made exits with code 2."""
     _return_big_buffers_to_the_os()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    request = None
     if mount is not None:
-        log.error("the FUSE mount is not available in this version")
-        return 2
+        from frontends.fuse.mount import FuseUnavailable, check_available
+
+        try:
+            check_available(mount)
+        except FuseUnavailable as exc:
+            log.error("cannot mount: %s", exc)
+            return 2
+        request = MountRequest(mount, bucket)
     try:
-        return asyncio.run(_run(config, mode))
+        return asyncio.run(_run(config, mode, request))
+    except MountFailed as exc:
+        log.error("cannot mount: %s", exc)
+        return 2
     except MetaError as exc:
         log.error("metadata store: %s", exc)
         return 1

@@ -32,6 +32,8 @@ apt_install fuse3 libfuse3-dev pkg-config gcc || log "FUSE packages could not be
 # Real S3 clients for the end-to-end tests.
 apt_install rclone || log "rclone could not be installed"
 apt_install restic || log "restic could not be installed (its e2e test will fail)"
+# Programs the mount tests run on the mount (git, tar and sqlite3 usually come with the OS).
+apt_install rsync git sqlite3 || log "rsync, git or sqlite3 could not be installed"
 
 stamp="$venv/.cairn-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then

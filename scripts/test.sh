@@ -25,4 +25,4 @@ mypy
 echo "== import contracts"
 lint-imports
 echo "== pytest"
-python -m pytest tests/unit tests/contract tests/service tests/e2e "$@"
+python -m pytest tests/unit tests/contract tests/service tests/e2e tests/fuse "$@"

@@ -109,6 +109,10 @@ async def queue_missing_replicas(store: MetadataStore, written: WrittenChunk) ->
         log.warning("could not queue replicas of chunk %s (the scan will): %s", chunk_id, exc)
 
 
+async def _done(value: bytes) -> bytes:
+    return value
+
+
 async def _cleanup(awaitable: Awaitable[object]) -> None:
     """Run cleanup to the end even if the caller is cancelled meanwhile."""
     task = asyncio.ensure_future(awaitable)
@@ -150,8 +154,17 @@ class ChunkedWriter:
         identity: bool,
         late_headers: Callable[[], Mapping[str, str]] | None = None,
         etag: str | None = None,
+        body_md5: bool = True,
+        late_metadata: Callable[[], Mapping[str, str]] | None = None,
     ) -> WriteResult:
         """Stream ``body`` into chunks of ``version`` (already begun, UPLOADING).
+
+        ``late_metadata()``, when given, replaces the version's user metadata in chunk 0's
+        identity (known only once the body is read, e.g. a file's mtime).
+
+        Without ``body_md5`` the body is not MD5-hashed (the slowest step of a large
+        write); the ETag is then multipart-style, the MD5 of the chunks' SHA-256
+        digests followed by ``-<chunk count>``, and ``WriteResult.md5`` is empty.
 
         With ``identity`` chunk 0 is held back and written last carrying the object's
         identity (and ``late_headers()``, known once the body is read, e.g. checksums).
@@ -169,6 +182,7 @@ class ChunkedWriter:
         index = 0
         offset = 0
         buffer = bytearray()
+        digests: list[Awaitable[bytes]] = []
 
         async def md5_after(prev: asyncio.Task[None] | None, data: bytearray) -> None:
             if prev is not None:
@@ -183,7 +197,13 @@ class ChunkedWriter:
         async def submit(data: bytearray) -> None:
             nonlocal md5_chain, held, index, offset
             digest: asyncio.Future[bytes]
-            if len(data) < INLINE_HASH_LIMIT and (md5_chain is None or md5_chain.done()):
+            if not body_md5:
+                digest = asyncio.ensure_future(
+                    self._cpu.run(_sha256, data)
+                    if len(data) >= INLINE_HASH_LIMIT
+                    else _done(_sha256(data))
+                )
+            elif len(data) < INLINE_HASH_LIMIT and (md5_chain is None or md5_chain.done()):
                 # small: hashing inline is cheaper than two thread hops
                 md5.update(data)
                 digest = asyncio.get_running_loop().create_future()
@@ -192,6 +212,7 @@ class ChunkedWriter:
                 # MD5 runs over the chunks in order; each chunk's SHA-256 in parallel.
                 md5_chain = asyncio.ensure_future(md5_after(md5_chain, data))
                 digest = asyncio.ensure_future(self._cpu.run(_sha256, data))
+            digests.append(digest)
             this_index, this_offset = index, offset
             index += 1
             offset += len(data)
@@ -208,6 +229,11 @@ class ChunkedWriter:
 
         try:
             async for piece in body:
+                if not buffer and isinstance(piece, bytearray) and len(piece) == self._chunk_size:
+                    await submit(piece)  # a whole chunk handed over: taken without a copy
+                    if size is not None and offset > size:
+                        raise IncompleteBody(f"the body is longer than the declared {size} bytes")
+                    continue
                 view = memoryview(piece)
                 while view:
                     take = min(len(view), self._chunk_size - len(buffer))
@@ -227,20 +253,26 @@ class ChunkedWriter:
             pending.clear()
             if md5_chain is not None:
                 await md5_chain
-            md5_hex = md5.hexdigest()
+            if body_md5:
+                body_etag = md5.hexdigest()
+            else:
+                joined = b"".join([await d for d in digests])
+                body_etag = f"{hashlib.md5(joined).hexdigest()}-{index}"
             if held is not None:
                 data, digest = held
                 ident = ObjectIdentity(
                     bucket=version.bucket,
                     key=version.key,
                     size=offset,
-                    etag=etag if etag is not None else md5_hex,
+                    etag=etag if etag is not None else body_etag,
                     chunk_count=index,
                     headers={**version.headers, **(late_headers() if late_headers else {})},
-                    user_metadata=version.user_metadata,
+                    user_metadata=late_metadata() if late_metadata else version.user_metadata,
                 )
                 await self._write_one(version, prefix, 0, 0, data, digest, ident)
-            return WriteResult(version.version_id, offset, md5_hex, md5.digest())
+            return WriteResult(
+                version.version_id, offset, body_etag, md5.digest() if body_md5 else b""
+            )
         except BaseException:
             # Let chunk writes in flight finish and record themselves (at most
             # ``write_ahead``): a write cut off between its blob PUT and its metadata
@@ -276,6 +308,18 @@ class ChunkedWriter:
             header, data, chunk_blob_key(prefix, version.version_id, index), bucket=version.bucket
         )
         await self.record(version.version_id, ChunkRef(index, offset, len(data), chunk_id), written)
+
+    async def write_chunk(
+        self, version: ObjectVersion, index: int, offset: int, data: bytearray
+    ) -> None:
+        """Write ``data`` as chunk ``index`` at object ``offset`` of an UPLOADING version
+        and record it (a ref with ``seq`` = ``index``), without an object identity: the
+        version is then described by a manifest (``ObjectService.commit_by_reference``).
+        Raises the chunk store's errors and ``MetadataUnavailable``."""
+        digest = asyncio.get_running_loop().create_future()
+        digest.set_result(_sha256(data))
+        prefix = self.prefix(version.bucket, version.key)
+        await self._write_one(version, prefix, index, offset, data, digest, None)
 
     async def record(self, version_id: str, ref: ChunkRef, written: WrittenChunk) -> None:
         """Record a written chunk in an UPLOADING version, or delete its blobs."""
@@ -376,7 +420,7 @@ class ObjectService:
         self,
         bucket: str,
         key: str,
-        body: AsyncIterable[bytes],
+        body: AsyncIterable[bytes | bytearray],
         *,
         size: int | None,
         headers: Mapping[str, str] | None = None,
@@ -384,8 +428,16 @@ class ObjectService:
         content_md5: bytes | None = None,
         late_headers: Callable[[], Mapping[str, str]] | None = None,
         precondition: WritePrecondition | None = None,
+        body_md5: bool = True,
+        late_metadata: Callable[[], Mapping[str, str]] | None = None,
     ) -> WriteResult:
         """Store ``body`` as the new current version of ``key``.
+
+        ``late_metadata()`` is called once the body is fully read; its result replaces
+        ``user_metadata`` (the FUSE frontend streams a file while it is being written).
+
+        ``body_md5`` False skips the MD5 of the body (see ``ChunkedWriter.write``; the
+        FUSE frontend's large files).
 
         ``late_headers()`` is called once the body is fully read and its result is
         stored with the object's headers (checksums computed from the body).
@@ -400,7 +452,13 @@ class ObjectService:
         )
         try:
             result = await self.writer.write(
-                version, body, size=size, identity=True, late_headers=late_headers
+                version,
+                body,
+                size=size,
+                identity=True,
+                late_headers=late_headers,
+                body_md5=body_md5 or content_md5 is not None,
+                late_metadata=late_metadata,
             )
             if content_md5 is not None and content_md5 != result.md5:
                 raise BadDigest("the Content-MD5 you specified did not match what was received")
@@ -411,6 +469,7 @@ class ObjectService:
                     size=result.size,
                     etag=result.etag,
                     headers={**version.headers, **extra} if extra else None,
+                    user_metadata=late_metadata() if late_metadata else None,
                     precondition=precondition,
                 )
             except meta_errors.PreconditionFailed as exc:
@@ -536,6 +595,57 @@ class ObjectService:
             await self.abort(version.version_id)
             raise
         return True
+
+    async def commit_by_reference(
+        self, version: ObjectVersion, *, size: int, etag: str
+    ) -> ObjectVersion:
+        """Commit an UPLOADING version whose refs are all recorded (new chunks written
+        with ``ChunkedWriter.write_chunk``, existing ones added with ``add_refs``): write
+        its manifest blob (docs/FORMAT.md), record it as the last ref, and commit.
+
+        The caller aborts the version when this raises (chunk store errors, store errors).
+        """
+        layout = await self._store.get_layout(version.version_id)
+        entries = tuple(
+            ManifestEntry(
+                p.ref.offset,
+                p.ref.length,
+                p.ref.chunk_id,
+                p.ref.chunk_offset,
+                p.locations[0].blob_key if p.locations else "",
+                p.chunk.size,
+                p.chunk.sha256,
+            )
+            for p in layout
+            if p.ref.length > 0
+        )
+        manifest = Manifest(
+            version.version_id,
+            ObjectIdentity(
+                version.bucket,
+                version.key,
+                size,
+                etag,
+                len(entries),
+                dict(version.headers),
+                dict(version.user_metadata),
+            ),
+            entries,
+        )
+        prefix = self.writer.prefix(version.bucket, version.key)
+        written = await self.chunks.write_manifest(
+            manifest,
+            manifest_blob_key(prefix, version.version_id),
+            new_sortable_id(),
+            bucket=version.bucket,
+        )
+        seq = max((p.ref.seq for p in layout), default=-1) + 1
+        await self.writer.record(
+            version.version_id, ChunkRef(seq, size, 0, written.chunk.chunk_id), written
+        )
+        await self._store.commit_version(version.version_id, size=size, etag=etag)
+        committed = await self._store.get_version(version.version_id)
+        return committed if committed is not None else version
 
     async def delete_objects(self, bucket: str, keys: Sequence[str]) -> None:
         """Remove up to 1,000 keys in one metadata transaction (all or nothing)."""

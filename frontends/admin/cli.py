@@ -20,6 +20,7 @@ from typing import Any
 import click
 
 from appliance.config import ConfigError, load_config
+from frontends.cli_options import config_option
 
 PERMISSIONS = ("read", "write", "list", "delete", "admin")
 
@@ -119,16 +120,7 @@ def _grants_text(grants: dict[str, list[str]]) -> str:
 @click.group()
 @click.option("--url", envvar="CAIRN_ADMIN_URL", help="The admin API, e.g. http://127.0.0.1:9001")
 @click.option("--token", envvar="CAIRN_ADMIN_TOKEN", help="The admin API's bearer token.")
-@click.option(
-    "--config",
-    "-c",
-    "config_path",
-    type=click.Path(path_type=Path),
-    default="cairn.yaml",
-    show_default=True,
-    envvar="CAIRN_CONFIG",
-    help="Where to read the admin API's address and token when --url/--token are not given.",
-)
+@config_option("Where to read the admin API's address and token when --url/--token are not given.")
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
 @click.pass_context
 def admin(

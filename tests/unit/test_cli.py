@@ -344,8 +344,10 @@ def fake_daemon(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     calls: list[dict[str, Any]] = []
     module = types.ModuleType("frontends.daemon")
 
-    def serve(config: CairnConfig, *, mode: str, mount: Path | None) -> int:
-        calls.append({"config": config, "mode": mode, "mount": mount})
+    def serve(
+        config: CairnConfig, *, mode: str, mount: Path | None, bucket: str | None = None
+    ) -> int:
+        calls.append({"config": config, "mode": mode, "mount": mount, "bucket": bucket})
         return 3
 
     module.serve = serve  # type: ignore[attr-defined]
@@ -365,6 +367,16 @@ def test_serve_hands_over_to_the_daemon(
     assert call["mode"] == "api"
     assert call["mount"] == tmp_path
     assert call["config"].database.kind == "postgres"
+
+
+def test_mount_hands_over_to_the_daemon_in_mount_mode(
+    runner: CliRunner, tmp_path: Path, fake_daemon: list[dict[str, Any]]
+) -> None:
+    path = write(tmp_path, "backends: [{type: local, name: d, path: d}]\n")
+    result = runner.invoke(cli, ["mount", str(tmp_path), "--config", str(path), "--bucket", "b1"])
+    assert result.exit_code == 3, result.output
+    [call] = fake_daemon
+    assert (call["mode"], call["mount"], call["bucket"]) == ("mount", tmp_path, "b1")
 
 
 def test_serve_defaults_to_mode_all(

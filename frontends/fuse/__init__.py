@@ -1,0 +1,1 @@
+"""The FUSE frontend: the pool mounted as a folder (pyfuse3 in asyncio mode)."""
