@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import REPO, DaemonSpec
-from tests.fuse.conftest import MountFactory
+from tests.fuse.conftest import MountFactory, fuse_available
 
 pytestmark = [pytest.mark.fuse, pytest.mark.e2e]
 
@@ -54,6 +54,8 @@ def test_unmount_from_outside_stops_the_process(mount_factory: MountFactory) -> 
 
 
 def test_clear_error_when_the_mount_cannot_be_made(tmp_path: Path) -> None:
+    if fuse_available():
+        pytest.skip(fuse_available() or "")
     config = tmp_path / "c.yaml"
     config.write_text("backends:\n  - {name: d, type: local, path: d}\n")
     result = subprocess.run(
