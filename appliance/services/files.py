@@ -288,6 +288,7 @@ class FileService:
         self._clock = clock
         self._open: dict[tuple[str, str], OpenFile] = {}
         self._dirs: TTLCache[tuple[str, str], FileAttr] = TTLCache(maxsize=4096, ttl=dir_ttl)
+        self._absent: TTLCache[tuple[str, str], bool] = TTLCache(maxsize=4096, ttl=dir_ttl)
 
     def prepare(self) -> None:
         """Create the spool directory (mode 0700). Raises ``OSError``."""
@@ -338,6 +339,7 @@ class FileService:
             return self._implicit_dir(ns_of(page.entries[0].last_modified))
         if any(b == bucket and k.startswith(_dir_key(path)) for b, k in self._open):
             return self._implicit_dir(self._clock())
+        self._absent[(bucket, path)] = True
         raise NoSuchPath(path)
 
     async def _require_dir(self, bucket: str, path: str) -> FileAttr:
@@ -448,9 +450,13 @@ class FileService:
     async def _check_new(self, bucket: str, path: str) -> FileAttr:
         """The parent's attributes, once sure ``path`` can be made there."""
         parent = await self._require_dir(bucket, path.rpartition(SEP)[0])
+        if self._absent.pop((bucket, path), False) and (bucket, path) not in self._open:
+            return parent  # looked up and absent within the last second (the kernel's
+            # lookup just before a create): not asked again
         with contextlib.suppress(NoSuchPath):
             await self.stat(bucket, path)
             raise PathExists(path)
+        self._absent.pop((bucket, path), None)  # about to exist
         return parent
 
     def _new_attr(self, mode: int, uid: int, gid: int, parent: FileAttr, rdev: int = 0) -> FileAttr:
@@ -555,6 +561,14 @@ class FileService:
         """
         if not src or not dst:
             raise NotPermitted("a bucket's root cannot be renamed")
+        try:
+            await self._rename(bucket, src, dst_bucket, dst, noreplace=noreplace)
+        finally:
+            self._absent.pop((dst_bucket, dst), None)
+
+    async def _rename(
+        self, bucket: str, src: str, dst_bucket: str, dst: str, *, noreplace: bool
+    ) -> None:
         if (bucket, src) == (dst_bucket, dst):
             await self.stat(bucket, src)
             return
@@ -607,6 +621,7 @@ class FileService:
         attr = self._file_attr(handle.version, directory=src.endswith(SEP))
         meta.update(encode(attr.with_changes(ctime_ns=self._clock()), xattrs(meta)))
         await self._objects.copy_object(handle, dst_bucket, dst, user_metadata=meta)
+        self._absent.pop((dst_bucket, dst.rstrip(SEP)), None)
         await self._store.delete_object(bucket, src)
         node = self._open.get((dst_bucket, dst))
         if node is not None:
@@ -999,6 +1014,7 @@ class FileService:
             )
         node.committed = True
         node.meta_dirty = False
+        self._absent.pop((node.bucket, node.key), None)
         if node.spool is not None:
             node.spool.remove()
             node.spool = None

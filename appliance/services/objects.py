@@ -162,6 +162,9 @@ class ChunkedWriter:
         ``late_metadata()``, when given, replaces the version's user metadata in chunk 0's
         identity (known only once the body is read, e.g. a file's mtime).
 
+        A ``bytearray`` piece of exactly one chunk that arrives on a chunk boundary is
+        taken over without a copy: the caller must not reuse it.
+
         Without ``body_md5`` the body is not MD5-hashed (the slowest step of a large
         write); the ETag is then multipart-style, the MD5 of the chunks' SHA-256
         digests followed by ``-<chunk count>``, and ``WriteResult.md5`` is empty.

@@ -13,12 +13,14 @@ custom quotas or database, stopped at its end).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import pg_dsn
 from tests.e2e.conftest import (
     BUCKET,
     REPO,
@@ -35,6 +38,7 @@ from tests.e2e.conftest import (
     _cleanup,
     _daemon_env,
     _new_root,
+    _pg_exec,
     free_port,
     write_config,
 )
@@ -142,13 +146,21 @@ def start_mount(
     if reason:
         pytest.skip(reason)
     root.mkdir(parents=True, exist_ok=True)
+    schema = None
+    if spec.db == "postgres":
+        schema = f"fuse_{uuid.uuid4().hex[:16]}"
+        try:
+            asyncio.run(_pg_exec(pg_dsn(), f"CREATE SCHEMA {schema}"))
+        except Exception as exc:  # a configured but dead server is a failure, not a skip
+            pytest.fail(f"cannot reach PostgreSQL at CAIRN_TEST_PG_DSN: {exc}")
     port, admin_port = free_port(), free_port()
     daemon = MountDaemon(
         spec=spec,
         root=root,
         port=port,
         admin_port=admin_port,
-        config_path=write_config(root, port, admin_port, spec, None),
+        config_path=write_config(root, port, admin_port, spec, schema),
+        pg_schema=schema,
         backends={f"disk{i}": root / f"disk{i}" for i in range(len(spec.quotas))},
         quotas={f"disk{i}": q for i, q in enumerate(spec.quotas)},
         expect_errors=expect_errors,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import REPO
-from tests.fuse.conftest import MountFactory
+from tests.e2e.conftest import REPO, DaemonSpec
+from tests.fuse.conftest import MountFactory, fuse_available
 
 pytestmark = [pytest.mark.fuse, pytest.mark.e2e]
 
@@ -54,6 +54,8 @@ def test_unmount_from_outside_stops_the_process(mount_factory: MountFactory) -> 
 
 
 def test_clear_error_when_the_mount_cannot_be_made(tmp_path: Path) -> None:
+    if fuse_available():
+        pytest.skip(fuse_available() or "")
     config = tmp_path / "c.yaml"
     config.write_text("backends:\n  - {name: d, type: local, path: d}\n")
     result = subprocess.run(
@@ -74,3 +76,25 @@ def test_clear_error_when_the_mount_cannot_be_made(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "cannot mount" in result.stderr and "not a directory" in result.stderr
+
+
+def test_mount_on_postgresql(mount_factory: MountFactory) -> None:
+    """The same mount over a PostgreSQL metadata store (with S3 in the same process)."""
+    daemon = mount_factory(DaemonSpec(db="postgres"))
+    mnt = daemon.mnt
+    (mnt / "dir" / "sub").mkdir(parents=True)
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    (mnt / "dir" / "sub" / "f.bin").write_bytes(data)
+    with (mnt / "dir" / "sub" / "f.bin").open("r+b") as f:
+        f.seek(1024 * 1024 + 3)
+        f.write(b"patch")
+    expected = bytearray(data)
+    expected[1024 * 1024 + 3 : 1024 * 1024 + 8] = b"patch"
+    os.rename(mnt / "dir", mnt / "moved")
+    s3 = daemon.client()
+    body = s3.get_object(Bucket="e2e", Key="moved/sub/f.bin")["Body"].read()
+    assert body == bytes(expected)
+    s3.put_object(Bucket="e2e", Key="moved/from-s3.txt", Body=b"s3")
+    assert sorted(os.listdir(mnt / "moved")) == ["from-s3.txt", "sub"]
+    os.setxattr(mnt / "moved" / "from-s3.txt", "user.k", b"v")
+    assert s3.head_object(Bucket="e2e", Key="moved/from-s3.txt")["Metadata"]["k"] == "v"
