@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -24,6 +25,20 @@ def test_sortable_ids_sort_by_time_and_carry_it() -> None:
         new_sortable_id(2**48)
     with pytest.raises(ValueError, match="not a sortable id"):
         sortable_id_time_ms("short")
+
+
+def test_successive_ids_of_a_process_sort_in_creation_order() -> None:
+    """Two writes that begin one after the other must not swap places (a later PUT
+    losing to an earlier one committed in the same millisecond): ids carry the
+    microsecond."""
+    ids = []
+    for _ in range(2000):
+        ids.append(new_sortable_id())
+        deadline = time.perf_counter_ns() + 1_500  # at least the next microsecond
+        while time.perf_counter_ns() < deadline:
+            pass
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
 
 
 def test_backoff_doubles_up_to_the_cap_with_bounded_jitter() -> None:
