@@ -117,7 +117,7 @@ class CachingChunkStore:
         else:
             self._entries = _CountingLRU(max_size, getsizeof=len)
         self._recent: Cache[str, bool] = LRUCache(RECENT_READS)
-        self._flights: SingleFlight[str, bytes] = SingleFlight()
+        self._flights: SingleFlight[str, bytes | bytearray] = SingleFlight()
         self.hits = 0
         self.misses = 0
         self.coalesced = 0
@@ -235,14 +235,17 @@ class CachingChunkStore:
             self.coalesced += 1
         return data if whole else data[start:end]
 
-    async def _fetch(self, chunk: Chunk, locations: Sequence[Location], *, keep: bool) -> bytes:
-        """The whole chunk from below; kept when ``keep``, else remembered as read."""
+    async def _fetch(
+        self, chunk: Chunk, locations: Sequence[Location], *, keep: bool
+    ) -> bytes | bytearray:
+        """The whole chunk from below; kept (as immutable ``bytes``) when ``keep``, else
+        remembered as read and handed on without a copy (readers never modify it)."""
         data = await self.inner.read(chunk, locations, 0, chunk.size)
-        kept = data if isinstance(data, bytes) else bytes(data)
-        if keep:
-            self._recent.pop(chunk.chunk_id, None)
-            self._entries[chunk.chunk_id] = kept
-        else:
+        if not keep:
             self._recent[chunk.chunk_id] = True
             self.passed += 1
+            return data
+        kept = data if isinstance(data, bytes) else bytes(data)
+        self._recent.pop(chunk.chunk_id, None)
+        self._entries[chunk.chunk_id] = kept
         return kept
