@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from appliance import errors as domain
 from appliance.meta.errors import MetaError
+from appliance.services.keys import JobRunning
 
 _TABLE: dict[type[BaseException], tuple[int, str]] = {
     domain.NoSuchBucket: (404, "NoSuchBucket"),
@@ -15,6 +16,7 @@ _TABLE: dict[type[BaseException], tuple[int, str]] = {
     domain.BucketNotEmpty: (409, "BucketNotEmpty"),
     domain.MetadataUnavailable: (503, "MetadataUnavailable"),
     domain.KeyUnavailable: (503, "KeyUnavailable"),
+    JobRunning: (409, "JobRunning"),
 }
 
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from appliance.meta.models import Permission
 from appliance.services.admin import AccessKeyInfo, AdminService, BucketInfo, Grants
-from appliance.services.keys import Job, JobProgress, JobRunning, KeyService
+from appliance.services.keys import Job, JobProgress, KeyService
 from frontends.admin import schemas
 from frontends.admin.errormap import to_http_error
 
@@ -362,12 +362,7 @@ class AdminApi:
         body = await _parse(request, schemas.JobIn, empty_ok=True)
         if body.new_vault_version and job is not Job.ROTATE:
             raise ApiError(400, "InvalidRequest", "new_vault_version applies to rotate only")
-        try:
-            progress = await self._key_service().start(
-                job, new_vault_version=body.new_vault_version
-            )
-        except JobRunning as exc:
-            raise ApiError(409, "JobRunning", str(exc) or f"{job} is running") from exc
+        progress = await self._key_service().start(job, new_vault_version=body.new_vault_version)
         return _json(_job(progress), 202)
 
     async def _job(self, request: web.Request) -> web.Response:
