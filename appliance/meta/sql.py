@@ -364,6 +364,16 @@ class SqlMetadataStore(abc.ABC):
 
         return await self._run(work)
 
+    async def all_bucket_usage(self) -> dict[str, tuple[int, int]]:
+        async def work(tx: Tx) -> dict[str, tuple[int, int]]:
+            rows = await tx.fetch(
+                "SELECT bucket, COUNT(*) AS n, COALESCE(SUM(size), 0) AS total FROM objects "
+                "GROUP BY bucket"
+            )
+            return {r["bucket"]: (int(r["n"]), int(r["total"])) for r in rows}
+
+        return await self._run(work)
+
     async def put_credential(self, credential: Credential) -> None:
         async def work(tx: Tx) -> None:
             await tx.execute(
@@ -1548,18 +1558,6 @@ class SqlMetadataStore(abc.ABC):
         return freed
 
     # -- locks -----------------------------------------------------------------------
-    async def count_objects(self, bucket: str) -> tuple[int, int]:
-        async def work(tx: Tx) -> tuple[int, int]:
-            row = await tx.fetchrow(
-                "SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS total FROM objects "
-                "WHERE bucket = $1",
-                bucket,
-            )
-            assert row is not None
-            return int(row["n"]), int(row["total"])
-
-        return await self._run(work)
-
     # -- data keys (encryption) ------------------------------------------------------
     async def list_wrapped_keys(
         self, *, not_key_id: str, after: str = "", limit: int = 500

@@ -110,6 +110,10 @@ class MetadataStore(Protocol):
         """(object count, logical bytes) of the bucket's current objects; (0, 0) when absent."""
         ...
 
+    async def all_bucket_usage(self) -> dict[str, tuple[int, int]]:
+        """``bucket_usage`` of every bucket holding objects, in one query."""
+        ...
+
     async def put_credential(self, credential: Credential) -> None:
         """Create or replace a credential and its grants (idempotent)."""
         ...
@@ -396,10 +400,6 @@ class MetadataStore(Protocol):
 
     async def abort_upload(self, upload_id: str) -> None:
         """Drop an upload and its parts; idempotent."""
-        ...
-
-    async def count_objects(self, bucket: str) -> tuple[int, int]:
-        """Current objects of ``bucket`` and their total size in bytes."""
         ...
 
     # -- data keys (encryption) ------------------------------------------------------

@@ -136,7 +136,11 @@ class AdminService:
 
     # -- buckets ---------------------------------------------------------------------
     async def list_buckets(self) -> list[BucketInfo]:
-        return [await self._info(b) for b in await self._store.list_buckets()]
+        usage = await self._store.all_bucket_usage()
+        return [
+            BucketInfo(b.name, b.created_at, *usage.get(b.name, (0, 0)))
+            for b in await self._store.list_buckets()
+        ]
 
     async def bucket(self, name: str) -> BucketInfo:
         """Raises ``NoSuchBucket``."""

@@ -347,9 +347,8 @@ class KeyService:
             ):
                 progress = replace(previous, state=JobState.RUNNING, error=None)
             else:
-                total = 0
-                for name in buckets:
-                    total += (await self._store.count_objects(name))[0]
+                usage = await self._store.all_bucket_usage()
+                total = sum(usage.get(name, (0, 0))[0] for name in buckets)
                 progress = JobProgress(job, JobState.RUNNING, target, total=total)
             progress = await self._save(progress)
             try:

@@ -232,10 +232,6 @@ class MultipartService:
     ) -> list[Part]:
         return await self._store.list_parts(upload.upload_id, marker=marker, limit=limit)
 
-    async def all_parts(self, upload: MultipartUpload) -> dict[int, Part]:
-        """Every part of an upload, by number (paged from the store)."""
-        return await self._all_parts(upload.upload_id)
-
     async def _all_parts(self, upload_id: str) -> dict[int, Part]:
         found: dict[int, Part] = {}
         marker = 0
@@ -252,10 +248,12 @@ class MultipartService:
         parts: Sequence[tuple[int, str]],
         *,
         precondition: WritePrecondition | None = None,
-        extra_headers: Mapping[str, str] | None = None,
+        headers_from_parts: Callable[[Mapping[int, Part]], Mapping[str, str]] | None = None,
     ) -> CompletedUpload:
-        """Assemble ``parts`` (number, ETag) into the key's new current version;
-        ``extra_headers`` (e.g. the object's checksum) are stored with it.
+        """Assemble ``parts`` (number, ETag) into the key's new current version.
+        ``headers_from_parts`` gets the upload's stored parts (read once, here) and
+        returns headers to store with the object (e.g. its checksum); what it raises
+        ends the completion before anything is written.
 
         Raises ``InvalidPart`` (none listed, missing, or ETag differs), ``InvalidPartOrder``,
         ``EntityTooSmall`` (a part but the last under the minimum), ``NoSuchUpload``.
@@ -266,6 +264,7 @@ class MultipartService:
         if any(b <= a for a, b in itertools.pairwise(numbers)):
             raise InvalidPartOrder("the list of parts was not in ascending order")
         stored = await self._all_parts(upload.upload_id)
+        extra_headers = headers_from_parts(stored) if headers_from_parts is not None else {}
         layouts = await self._store.get_upload_layout(upload.upload_id)
         md5s = b""
         entries: list[ManifestEntry] = []
@@ -326,7 +325,7 @@ class MultipartService:
                 manifest=(written.chunk, written.locations),
                 precondition=precondition,
                 extra_headers={
-                    **(extra_headers or {}),
+                    **extra_headers,
                     PART_SIZES_HEADER: encode_part_sizes(sizes),
                 },
             )

@@ -34,6 +34,7 @@ from appliance.meta.models import (
     Credential,
     MultipartUpload,
     ObjectVersion,
+    Part,
     Permission,
     WritePrecondition,
 )
@@ -220,6 +221,55 @@ INTERNAL_HEADER_PREFIX = "x-cairn-"
 WANTED_ALGORITHM = "x-cairn-checksum-algorithm"
 WANTED_TYPE = "x-cairn-checksum-type"
 CHECKSUM_TYPE_HEADER = "x-amz-checksum-type"
+
+
+def _object_checksum(
+    req: _Request,
+    upload: MultipartUpload,
+    listed: Sequence[s3xml.CompletedPart],
+    stored: Mapping[int, Part],
+) -> dict[str, str]:
+    """The stored checksum headers of the object a completion makes, computed from
+    its parts' checksums (``frontends.s3.mpchecksums``); empty when the parts do not
+    all carry one. Raises ``InvalidPart`` when a part's checksum in the request
+    differs from the one stored, and ``BadDigest`` when a full-object checksum sent
+    with the completion differs from the one computed."""
+    per_part: list[dict[ChecksumAlgorithm, str]] = []
+    sizes: list[int] = []
+    for item in listed:
+        part = stored.get(item.part_number)
+        if part is None:
+            return {}  # the completion itself reports the missing part
+        found = _stored_checksums(part.headers)
+        for name, value in item.checksums.items():
+            algorithm = ChecksumAlgorithm.from_header(CHECKSUM_PREFIX + name.lower())
+            if algorithm is not None and found.get(algorithm, value) != value:
+                raise S3Error(
+                    "InvalidPart",
+                    f"The {algorithm.display_name} checksum of part {item.part_number} "
+                    "does not match the uploaded part.",
+                )
+        per_part.append(found)
+        sizes.append(part.size)
+    requested = upload.headers.get(WANTED_ALGORITHM)
+    choice = mpchecksums.choose(
+        ChecksumAlgorithm(requested.lower()) if requested else None,
+        upload.headers.get(WANTED_TYPE),
+        per_part,
+    )
+    if choice is None:
+        return {}
+    algorithm, kind = choice
+    values = [found[algorithm] for found in per_part]
+    if kind == mpchecksums.FULL_OBJECT:
+        value = mpchecksums.full_object(algorithm, list(zip(values, sizes, strict=True)))
+        sent = req.http.headers.get(algorithm.header)
+        if sent is not None and sent != value:
+            raise S3Error("BadDigest", f"The {algorithm.display_name} you specified did not "
+                          "match the calculated checksum.")  # fmt: skip
+    else:
+        value = mpchecksums.composite(algorithm, values)
+    return {algorithm.header: value, CHECKSUM_TYPE_HEADER: kind}
 
 
 def _stored_checksums(headers: Mapping[str, str]) -> dict[ChecksumAlgorithm, str]:
@@ -991,12 +1041,17 @@ class S3Frontend:
         upload = await self._multipart.get(req.query["uploadId"], req.bucket, req.key)
         raw = await s3xml.read_xml_body(self._body(req.http))
         parts = s3xml.parse_complete_multipart_upload(raw)
-        checksum = await self._object_checksum(req, upload, parts)
+        checksum: dict[str, str] = {}
+
+        def object_checksum(stored: Mapping[int, Part]) -> dict[str, str]:
+            checksum.update(_object_checksum(req, upload, parts, stored))
+            return checksum
+
         done = await self._multipart.complete(
             upload,
             [(p.part_number, p.etag) for p in parts],
             precondition=_write_precondition(req.http),
-            extra_headers=checksum,
+            headers_from_parts=object_checksum,
         )
         location = f"/{req.bucket}/{req.key}"
         shown = {
@@ -1013,52 +1068,6 @@ class S3Frontend:
             checksum_type=checksum.get(CHECKSUM_TYPE_HEADER),
         )
         return web.Response(body=body, content_type="application/xml")
-
-    async def _object_checksum(
-        self, req: _Request, upload: MultipartUpload, listed: Sequence[s3xml.CompletedPart]
-    ) -> dict[str, str]:
-        """The stored checksum headers of the object a completion makes, computed from
-        its parts' checksums (``frontends.s3.mpchecksums``); empty when the parts do not
-        all carry one. Raises ``InvalidPart`` when a part's checksum in the request
-        differs from the one stored, and ``BadDigest`` when a full-object checksum sent
-        with the completion differs from the one computed."""
-        stored = await self._multipart.all_parts(upload)
-        per_part: list[dict[ChecksumAlgorithm, str]] = []
-        sizes: list[int] = []
-        for item in listed:
-            part = stored.get(item.part_number)
-            if part is None:
-                return {}  # the completion itself reports the missing part
-            found = _stored_checksums(part.headers)
-            for name, value in item.checksums.items():
-                algorithm = ChecksumAlgorithm.from_header(CHECKSUM_PREFIX + name.lower())
-                if algorithm is not None and found.get(algorithm, value) != value:
-                    raise S3Error(
-                        "InvalidPart",
-                        f"The {algorithm.display_name} checksum of part {item.part_number} "
-                        "does not match the uploaded part.",
-                    )
-            per_part.append(found)
-            sizes.append(part.size)
-        requested = upload.headers.get(WANTED_ALGORITHM)
-        choice = mpchecksums.choose(
-            ChecksumAlgorithm(requested.lower()) if requested else None,
-            upload.headers.get(WANTED_TYPE),
-            per_part,
-        )
-        if choice is None:
-            return {}
-        algorithm, kind = choice
-        values = [found[algorithm] for found in per_part]
-        if kind == mpchecksums.FULL_OBJECT:
-            value = mpchecksums.full_object(algorithm, list(zip(values, sizes, strict=True)))
-            sent = req.http.headers.get(algorithm.header)
-            if sent is not None and sent != value:
-                raise S3Error("BadDigest", f"The {algorithm.display_name} you specified did not "
-                              "match the calculated checksum.")  # fmt: skip
-        else:
-            value = mpchecksums.composite(algorithm, values)
-        return {algorithm.header: value, CHECKSUM_TYPE_HEADER: kind}
 
     async def _list_parts(self, req: _Request) -> web.Response:
         upload = await self._multipart.get(req.query["uploadId"], req.bucket, req.key)

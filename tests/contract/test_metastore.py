@@ -883,10 +883,11 @@ async def test_wrapped_keys_scan_rewrap_and_count(pool: SqlMetadataStore) -> Non
 
 
 async def test_count_objects(pool: SqlMetadataStore) -> None:
-    assert await pool.count_objects("bk") == (0, 0)
+    assert await pool.bucket_usage("bk") == (0, 0)
     await put_object(pool, "bk", "a", ["a1", "a2"])
     await put_object(pool, "bk", "b", ["b1"])
-    assert await pool.count_objects("bk") == (2, 300)
+    assert await pool.bucket_usage("bk") == (2, 300)
+    assert await pool.all_bucket_usage() == {"bk": (2, 300)}
 
 
 async def test_if_version_id_precondition(pool: SqlMetadataStore) -> None:
