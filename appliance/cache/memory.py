@@ -36,9 +36,7 @@ from dataclasses import dataclass
 from cachetools import Cache, LRUCache, TTLCache
 
 from appliance.cache.singleflight import SingleFlight
-from appliance.data.blobformat import ChunkHeader, Manifest
-from appliance.data.chunkstore import WrittenChunk
-from appliance.data.storage import ChunkStorage
+from appliance.data.storage import ChunkStorage, ChunkStorageWrapper
 from appliance.meta.models import Chunk, Location
 
 RECENT_READS = 4096
@@ -88,7 +86,7 @@ class _CountingTTL(TTLCache[str, bytes]):
         return item
 
 
-class CachingChunkStore:
+class CachingChunkStore(ChunkStorageWrapper[ChunkStorage]):
     """A ``ChunkStorage`` that keeps whole plaintext chunks in memory; see the module doc."""
 
     def __init__(
@@ -105,7 +103,7 @@ class CachingChunkStore:
             raise ValueError("max_size must be positive (leave the cache out to disable it)")
         if ttl < 0:
             raise ValueError("ttl must not be negative")
-        self.inner = inner
+        super().__init__(inner)
         self.max_size = max_size
         self.max_object_size = min(max_object_size, max_size)
         self.admit_at_once = (
@@ -163,43 +161,7 @@ class CachingChunkStore:
         if isinstance(self._entries, TTLCache):
             self._entries.expire()
 
-    # -- ChunkStorage: writes pass through --------------------------------------------
-    def blob_prefix(self, bucket: str, key: str) -> str:
-        return self.inner.blob_prefix(bucket, key)
-
-    async def write_chunk(
-        self,
-        header: ChunkHeader,
-        payload: bytes | bytearray | memoryview,
-        blob_key: str,
-        *,
-        bucket: str | None = None,
-    ) -> WrittenChunk:
-        return await self.inner.write_chunk(header, payload, blob_key, bucket=bucket)
-
-    async def write_manifest(
-        self, manifest: Manifest, blob_key: str, chunk_id: str, *, bucket: str | None = None
-    ) -> WrittenChunk:
-        return await self.inner.write_manifest(manifest, blob_key, chunk_id, bucket=bucket)
-
-    async def undo(self, placed: Sequence[tuple[Location, int | None]]) -> None:
-        await self.inner.undo(placed)
-
-    async def delete_blob(self, backend: str, blob_key: str) -> bool:
-        return await self.inner.delete_blob(backend, blob_key)
-
-    async def replicate(
-        self,
-        chunk: Chunk,
-        sources: Sequence[Location],
-        count: int,
-        *,
-        keep: Sequence[str] = (),
-        rewrite: str | None = None,
-    ) -> tuple[tuple[Location, int | None], ...]:
-        return await self.inner.replicate(chunk, sources, count, keep=keep, rewrite=rewrite)
-
-    # -- ChunkStorage: reads ----------------------------------------------------------
+    # -- ChunkStorage: writes pass through (ChunkStorageWrapper); reads -------------
     async def read(
         self, chunk: Chunk, locations: Sequence[Location], start: int, end: int
     ) -> bytes | bytearray:

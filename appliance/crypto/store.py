@@ -47,6 +47,7 @@ from appliance.data.blobformat import (
 )
 from appliance.data.chunkstore import ChunkStore, WrittenChunk
 from appliance.data.cpu import CpuPool
+from appliance.data.storage import ChunkStorageWrapper
 from appliance.errors import DataCorrupted, KeyUnavailable
 from appliance.meta.models import Chunk, Location, NewChunk
 
@@ -80,7 +81,7 @@ class EncryptionPolicy:
         return self._secret if self.encrypts(bucket) else None
 
 
-class EncryptingChunkStore:
+class EncryptingChunkStore(ChunkStorageWrapper[ChunkStore]):
     """``ChunkStore``'s interface, encrypting per the policy (see module docstring)."""
 
     def __init__(
@@ -94,7 +95,7 @@ class EncryptingChunkStore:
     ) -> None:
         if keys is None and policy.any:
             raise ValueError("an encrypting policy needs a key ring")
-        self.inner = inner
+        super().__init__(inner)
         self.keys = keys
         self.policy = policy
         self._cpu = cpu
@@ -192,12 +193,6 @@ class EncryptingChunkStore:
         )
         chunk = NewChunk(chunk_id, 0, hashlib.sha256(blob).digest(), len(blob), wrapped, key_id)
         return WrittenChunk(chunk, locations, self.inner.policy.factor_for(bucket))
-
-    async def undo(self, placed: Sequence[tuple[Location, int | None]]) -> None:
-        await self.inner.undo(placed)
-
-    async def delete_blob(self, backend: str, blob_key: str) -> bool:
-        return await self.inner.delete_blob(backend, blob_key)
 
     async def replicate(
         self,

@@ -18,12 +18,13 @@ re-exports it and adds ``ChunkReader``, the read side alone. Contracts:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
-from appliance.data.chunkstore import ChunkStorage
+from appliance.data.blobformat import ChunkHeader, Manifest
+from appliance.data.chunkstore import ChunkStorage, WrittenChunk
 from appliance.meta.models import Chunk, Location
 
-__all__ = ["ChunkReader", "ChunkStorage"]
+__all__ = ["ChunkReader", "ChunkStorage", "ChunkStorageWrapper"]
 
 
 class ChunkReader(Protocol):
@@ -32,3 +33,54 @@ class ChunkReader(Protocol):
     async def read(
         self, chunk: Chunk, locations: Sequence[Location], start: int, end: int
     ) -> bytes | bytearray: ...
+
+
+S = TypeVar("S", bound=ChunkStorage)
+
+
+class ChunkStorageWrapper(Generic[S]):
+    """A ``ChunkStorage`` that hands every call to ``inner``: wrappers (the cache, the
+    encrypting layer) subclass it and override only what they change."""
+
+    def __init__(self, inner: S) -> None:
+        self.inner = inner
+
+    def blob_prefix(self, bucket: str, key: str) -> str:
+        return self.inner.blob_prefix(bucket, key)
+
+    async def write_chunk(
+        self,
+        header: ChunkHeader,
+        payload: bytes | bytearray | memoryview,
+        blob_key: str,
+        *,
+        bucket: str | None = None,
+    ) -> WrittenChunk:
+        return await self.inner.write_chunk(header, payload, blob_key, bucket=bucket)
+
+    async def write_manifest(
+        self, manifest: Manifest, blob_key: str, chunk_id: str, *, bucket: str | None = None
+    ) -> WrittenChunk:
+        return await self.inner.write_manifest(manifest, blob_key, chunk_id, bucket=bucket)
+
+    async def undo(self, placed: Sequence[tuple[Location, int | None]]) -> None:
+        await self.inner.undo(placed)
+
+    async def delete_blob(self, backend: str, blob_key: str) -> bool:
+        return await self.inner.delete_blob(backend, blob_key)
+
+    async def replicate(
+        self,
+        chunk: Chunk,
+        sources: Sequence[Location],
+        count: int,
+        *,
+        keep: Sequence[str] = (),
+        rewrite: str | None = None,
+    ) -> tuple[tuple[Location, int | None], ...]:
+        return await self.inner.replicate(chunk, sources, count, keep=keep, rewrite=rewrite)
+
+    async def read(
+        self, chunk: Chunk, locations: Sequence[Location], start: int, end: int
+    ) -> bytes | bytearray:
+        return await self.inner.read(chunk, locations, start, end)
