@@ -36,6 +36,7 @@ from appliance.crypto.keys import (
     read_key_file,
 )
 from appliance.crypto.store import EncryptingChunkStore, EncryptionPolicy
+from appliance.data.buffers import BufferPool
 from appliance.data.chunkstore import ChunkStorage, ChunkStore
 from appliance.data.cpu import CpuPool
 from appliance.errors import BucketExists, KeyUnavailable
@@ -162,6 +163,7 @@ class Pool:
     config: CairnConfig
     store: MetadataStore
     cpu: CpuPool
+    buffers: BufferPool
     meter: UsageMeter
     backends: dict[str, Backend]
     state: PoolState
@@ -333,6 +335,7 @@ async def open_pool(
         for b in config.backends
     }
     cpu = CpuPool()
+    buffers = BufferPool()
     meter = UsageMeter(store, caps)
     backends: dict[str, Backend] = {}
     disk: DiskCache | None = None
@@ -379,7 +382,7 @@ async def open_pool(
             prefix_secret=prefix_secret(pool_secret),
         )
         encrypting = EncryptingChunkStore(
-            ChunkStore(state, cpu, policy=replication),
+            ChunkStore(state, cpu, policy=replication, buffers=buffers),
             keyring,
             cpu,
             policy,
@@ -387,11 +390,14 @@ async def open_pool(
         )
         # the memory cache sits above decryption (it holds plaintext, keyed by chunk id)
         chunks = wrap_chunks(encrypting, config.cache)
-        objects = ObjectService(store, chunks, cpu, chunk_size=config.pool.chunk_size)
+        objects = ObjectService(
+            store, chunks, cpu, chunk_size=config.pool.chunk_size, buffers=buffers
+        )
         return Pool(
             config=config,
             store=store,
             cpu=cpu,
+            buffers=buffers,
             meter=meter,
             backends=backends,
             state=state,

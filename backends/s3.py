@@ -50,8 +50,9 @@ if TYPE_CHECKING:
     from types_aiobotocore_s3.client import S3Client
     from types_aiobotocore_s3.type_defs import ListObjectsV2RequestTypeDef
 
-PIECE_SIZE = 1024 * 1024
-"""Streams read at most this many bytes per piece."""
+PIECE_SIZE = 512 * 1024
+"""Streams read at most this many bytes per piece: under glibc's mmap threshold as the
+daemon sets it (1 MiB), so pieces come from the heap and are reused, not faulted in."""
 
 MAX_PUT_SIZE = 5 * 1024**3
 """S3's limit for a single PutObject."""
@@ -299,11 +300,17 @@ class S3Backend:
         full = self._key(key)
         if size > MAX_PUT_SIZE:
             raise BackendFull(f"blob of {size} bytes exceeds {MAX_PUT_SIZE}", backend=self._name)
-        data = await collect_body(body, size, backend=self._name)
+        if isinstance(body, bytes | bytearray) and len(body) == size:
+            data: bytes | bytearray = body  # sent as it is: no copy of a chunk-sized buffer
+        else:
+            data = await collect_body(body, size, backend=self._name)
         client = await self._s3()
         try:
             resp = await client.put_object(
-                Bucket=self._bucket, Key=full, Body=data, ContentLength=size
+                Bucket=self._bucket,
+                Key=full,
+                Body=data,  # type: ignore[arg-type]  # botocore takes a bytearray as a blob
+                ContentLength=size,
             )
         except Exception as exc:
             raise self._error(exc, key) from exc

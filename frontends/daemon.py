@@ -110,6 +110,7 @@ def build_app(pool: Pool) -> web.Application:
         pool.admin,
         pool.bucket_config,
         pool.cpu,
+        buffers=pool.buffers,
         region=pool.config.server.region,
         domain=pool.config.server.domain,
     ).install(app)

@@ -126,10 +126,12 @@ def decrypt_segments(
     stored: bytes | bytearray | memoryview,
     *,
     segments: int | None = None,
+    out: bytearray | None = None,
 ) -> bytearray:
     """Open ``segments`` consecutive sealed segments (default: through the last one)
     starting at segment ``first`` of a chunk of ``size`` plaintext bytes; ``stored``
-    must be exactly those segments' bytes.
+    must be exactly those segments' bytes. The plaintext goes into ``out`` when given
+    (exactly its length) or into a new buffer; either is returned.
 
     Raises ``AuthenticationFailed`` on any damage, reordering or truncation.
     """
@@ -145,7 +147,10 @@ def decrypt_segments(
             f"chunk {chunk_id}: sealed range has {len(data)} bytes, expected "
             f"{plain_hi - plain_lo + TAG * wanted} (truncated or padded)"
         )
-    out = bytearray(plain_hi - plain_lo)
+    if out is None:
+        out = bytearray(plain_hi - plain_lo)
+    elif len(out) != plain_hi - plain_lo:
+        raise ValueError(f"out has {len(out)} bytes, the plaintext {plain_hi - plain_lo}")
     target = memoryview(out)
     aead = AESGCM(key.key)
     try:

@@ -45,6 +45,7 @@ from appliance.data.blobformat import (
     encode_sealed_part,
     object_prefix,
 )
+from appliance.data.buffers import ChunkPayload, payload_view
 from appliance.data.chunkstore import ChunkStore, WrittenChunk
 from appliance.data.cpu import CpuPool
 from appliance.data.storage import ChunkStorageWrapper
@@ -136,7 +137,7 @@ class EncryptingChunkStore(ChunkStorageWrapper[ChunkStore]):
     async def write_chunk(
         self,
         header: ChunkHeader,
-        payload: bytes | bytearray | memoryview,
+        payload: ChunkPayload,
         blob_key: str,
         *,
         bucket: str | None = None,
@@ -156,22 +157,26 @@ class EncryptingChunkStore(ChunkStorageWrapper[ChunkStore]):
                 sealed=sealed,
             )
         )
-        blob = bytearray(len(head) + sealed_size(len(payload)))
+        buffers = self.inner.buffers
+        blob = buffers.take(len(head) + sealed_size(len(payload)))
         blob[: len(head)] = head
         out = memoryview(blob)[len(head) :]
-        if len(payload) < INLINE_CRYPTO_LIMIT:
-            encrypt_into(data_key, header.chunk_id, payload, out)
+        data = payload_view(payload)
+        if len(data) < INLINE_CRYPTO_LIMIT:
+            encrypt_into(data_key, header.chunk_id, data, out)
         else:
-            await self._cpu.run(encrypt_into, data_key, header.chunk_id, payload, out)
+            await self._cpu.run(encrypt_into, data_key, header.chunk_id, data, out)
         out.release()
         locations = await self.inner.place(
             blob, blob_key, header.version_id, header.chunk_id, bucket=bucket
         )
+        stored_size = len(blob)
+        buffers.give(blob)  # written: no backend keeps a reference
         chunk = NewChunk(
             chunk_id=header.chunk_id,
             size=header.size,
             sha256=header.sha256,
-            stored_size=len(blob),
+            stored_size=stored_size,
             wrapped_dek=wrapped,
             key_id=key_id,
         )
@@ -244,11 +249,21 @@ class EncryptingChunkStore(ChunkStorageWrapper[ChunkStore]):
         segments = segments_in(lo, hi)
         skip = start - first * SEGMENT
 
+        buffers = self.inner.buffers
+        plain_size = min(chunk.size, (first + segments) * SEGMENT) - first * SEGMENT
+
         async def check(stored: bytes | bytearray, backend: str) -> bytes | bytearray:
+            out = buffers.take(plain_size)
             try:
                 if len(stored) < INLINE_CRYPTO_LIMIT:
                     plain = decrypt_segments(
-                        data_key, chunk.chunk_id, chunk.size, first, stored, segments=segments
+                        data_key,
+                        chunk.chunk_id,
+                        chunk.size,
+                        first,
+                        stored,
+                        segments=segments,
+                        out=out,
                     )
                 else:
                     plain = await self._cpu.run(
@@ -260,14 +275,18 @@ class EncryptingChunkStore(ChunkStorageWrapper[ChunkStore]):
                             first,
                             stored,
                             segments=segments,
+                            out=out,
                         )
                     )
             except AuthenticationFailed as exc:
                 log.error("chunk %s on %s failed authentication", chunk.chunk_id, backend)
                 raise DataCorrupted(str(exc)) from exc
+            buffers.give(stored)  # fetched for this read alone: nobody else holds it
             if skip == 0 and len(plain) == end - start:
                 return plain
-            return plain[skip : skip + end - start]
+            wanted = plain[skip : skip + end - start]
+            buffers.give(plain)
+            return wanted
 
         return await self.inner.read_stored(
             chunk, locations, header_len + lo, header_len + hi, check

@@ -28,6 +28,7 @@ from appliance.data.blobformat import (
     encode_manifest,
     object_prefix,
 )
+from appliance.data.buffers import BufferPool, ChunkPayload, HeadroomBuffer, payload_view
 from appliance.data.cpu import CpuPool
 from appliance.errors import BackendsUnavailable, DataCorrupted, NoCapacity
 from appliance.meta.errors import MetaError
@@ -67,7 +68,7 @@ class ChunkStorage(Protocol):
     async def write_chunk(
         self,
         header: ChunkHeader,
-        payload: bytes | bytearray | memoryview,
+        payload: ChunkPayload,
         blob_key: str,
         *,
         bucket: str | None = None,
@@ -106,11 +107,14 @@ class ChunkStore:
         *,
         replicas: int = 1,
         policy: ReplicationPolicy | None = None,
+        buffers: BufferPool | None = None,
     ) -> None:
         if replicas < 1:
             raise ValueError("replicas must be at least 1")
         self._pool = pool
         self._cpu = cpu
+        self.buffers = buffers or BufferPool(0)
+        """Reusable chunk-sized buffers, shared with the layers above."""
         self.policy = policy or ReplicationPolicy(replicas, replicas)
 
     @property
@@ -125,7 +129,7 @@ class ChunkStore:
     async def write_chunk(
         self,
         header: ChunkHeader,
-        payload: bytes | bytearray | memoryview,
+        payload: ChunkPayload,
         blob_key: str,
         *,
         bucket: str | None = None,
@@ -137,10 +141,22 @@ class ChunkStore:
         the way), and ``BackendsUnavailable`` when the candidates with room all failed.
         Nothing is left reserved or written when it raises.
         """
-        blob = encode_chunk_header(header) + payload
+        head = encode_chunk_header(header)
+        owned: bytearray | None = None
+        framed = payload.framed(head) if isinstance(payload, HeadroomBuffer) else None
+        blob: bytearray | memoryview
+        if framed is not None:
+            blob = framed
+        else:  # header and data copied together into a reused buffer
+            data = payload_view(payload)
+            blob = owned = self.buffers.take(len(head) + len(data))
+            blob[: len(head)] = head
+            blob[len(head) :] = data
         locations = await self.place(
             blob, blob_key, header.version_id, header.chunk_id, bucket=bucket
         )
+        if owned is not None:
+            self.buffers.give(owned)  # written: no backend keeps a reference
         chunk = NewChunk(
             chunk_id=header.chunk_id,
             size=header.size,
@@ -162,7 +178,7 @@ class ChunkStore:
 
     async def place(
         self,
-        blob: bytes | bytearray,
+        blob: bytes | bytearray | memoryview,
         blob_key: str,
         owner: str,
         chunk_id: str,
@@ -244,7 +260,7 @@ class ChunkStore:
             raise NoCapacity(await self._no_room(stored, want, len(placed)))
         return tuple(placed)
 
-    async def _put(self, name: str, blob_key: str, blob: bytes | bytearray) -> None:
+    async def _put(self, name: str, blob_key: str, blob: bytes | bytearray | memoryview) -> None:
         try:
             await self._pool.backend(name).put(blob_key, blob, size=len(blob))
         except BackendError as exc:
@@ -489,7 +505,7 @@ class ChunkStore:
     async def _get(self, name: str, blob_key: str, start: int, end: int) -> bytes | bytearray:
         stream = await self._pool.backend(name).get(blob_key, ByteRange(start, end))
         try:
-            return await _collect(stream, end - start)
+            return await _collect(stream, end - start, self.buffers)
         finally:
             await stream.aclose()
 
@@ -539,20 +555,21 @@ INLINE_HASH_LIMIT = 256 * 1024
 """Chunks smaller than this are verified on the loop: cheaper than a thread hop."""
 
 
-async def _collect(stream: BlobStream, expected: int) -> bytes | bytearray:
-    """Read a stream into one buffer of ``expected`` bytes (no list of pieces, no join);
-    a stream longer than expected is cut, a shorter one returns what it had."""
+async def _collect(stream: BlobStream, expected: int, buffers: BufferPool) -> bytes | bytearray:
+    """Read a stream into one buffer of ``expected`` bytes (no list of pieces, no join;
+    a reused buffer from ``buffers`` when it is large); a stream longer than expected is
+    cut, a shorter one returns what it had."""
     pieces = aiter(stream)
     first = await anext(pieces, b"")
     if len(first) >= expected:  # the whole range in one piece: keep it, no copy
         return first[:expected] if len(first) > expected else first
-    buffer = bytearray(expected)
+    buffer = buffers.take(expected)
     view = memoryview(buffer)
     view[: len(first)] = first
     filled = len(first)
     async for piece in pieces:
         take = min(len(piece), expected - filled)
-        view[filled : filled + take] = piece[:take]
+        view[filled : filled + take] = piece if take == len(piece) else piece[:take]
         filled += take
         if filled == expected:
             break

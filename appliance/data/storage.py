@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Generic, Protocol, TypeVar
 
 from appliance.data.blobformat import ChunkHeader, Manifest
+from appliance.data.buffers import ChunkPayload
 from appliance.data.chunkstore import ChunkStorage, WrittenChunk
 from appliance.meta.models import Chunk, Location
 
@@ -51,7 +52,7 @@ class ChunkStorageWrapper(Generic[S]):
     async def write_chunk(
         self,
         header: ChunkHeader,
-        payload: bytes | bytearray | memoryview,
+        payload: ChunkPayload,
         blob_key: str,
         *,
         bucket: str | None = None,

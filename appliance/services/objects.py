@@ -29,6 +29,7 @@ from appliance.data.blobformat import (
     chunk_blob_key,
     manifest_blob_key,
 )
+from appliance.data.buffers import HEADROOM, BufferPool, HeadroomBuffer, payload_view
 from appliance.data.chunkstore import ChunkStorage, WrittenChunk
 from appliance.data.cpu import CpuPool
 from appliance.errors import (
@@ -92,7 +93,10 @@ class ObjectHandle:
     layout: tuple[ChunkPlacement, ...]
 
 
-def _sha256(data: bytes | bytearray) -> bytes:
+Bytes = bytes | bytearray | memoryview
+
+
+def _sha256(data: Bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
@@ -107,6 +111,23 @@ async def queue_missing_replicas(store: MetadataStore, written: WrittenChunk) ->
         await store.enqueue(REPLICATE_QUEUE, {"chunk_id": chunk_id}, key=f"chunk:{chunk_id}")
     except MetaError as exc:
         log.warning("could not queue replicas of chunk %s (the scan will): %s", chunk_id, exc)
+
+
+def _when_done(steps: Sequence[asyncio.Future[Any] | None], then: Callable[[bool], None]) -> None:
+    """Call ``then(all_succeeded)`` once every step (None ones skipped) is done."""
+    futures = [step for step in steps if step is not None]
+    left = len(futures)
+    failed = False
+
+    def one_done(fut: asyncio.Future[Any]) -> None:
+        nonlocal left, failed
+        left -= 1
+        failed = failed or fut.cancelled() or fut.exception() is not None
+        if left == 0:
+            then(not failed)
+
+    for fut in futures:
+        fut.add_done_callback(one_done)
 
 
 async def _done(value: bytes) -> bytes:
@@ -134,12 +155,14 @@ class ChunkedWriter:
         *,
         chunk_size: int,
         write_ahead: int,
+        buffers: BufferPool | None = None,
     ) -> None:
         self._store = store
         self._chunks = chunks
         self._cpu = cpu
         self._chunk_size = chunk_size
         self._write_ahead = max(1, write_ahead)
+        self._buffers = buffers or BufferPool(0)
 
     def prefix(self, bucket: str, key: str) -> str:
         """The blob prefix of an object (hidden names for encrypted buckets)."""
@@ -181,13 +204,16 @@ class ChunkedWriter:
         slots = asyncio.Semaphore(self._write_ahead)
         pending: set[asyncio.Task[None]] = set()
         md5_chain: asyncio.Task[None] | None = None
-        held: tuple[bytearray, asyncio.Future[bytes]] | None = None
+        held: tuple[bytearray | HeadroomBuffer, asyncio.Future[bytes]] | None = None
         index = 0
         offset = 0
         buffer = bytearray()
+        filled = 0
+        room = 0
         digests: list[Awaitable[bytes]] = []
+        pool = self._buffers
 
-        async def md5_after(prev: asyncio.Task[None] | None, data: bytearray) -> None:
+        async def md5_after(prev: asyncio.Task[None] | None, data: Bytes) -> None:
             if prev is not None:
                 await prev
             await self._cpu.run(md5.update, data)
@@ -197,24 +223,26 @@ class ChunkedWriter:
                 pending.discard(task)
                 task.result()  # re-raise the first failure at once
 
-        async def submit(data: bytearray) -> None:
+        async def submit(data: bytearray | HeadroomBuffer) -> None:
             nonlocal md5_chain, held, index, offset
             digest: asyncio.Future[bytes]
+            raw = payload_view(data)
             if not body_md5:
                 digest = asyncio.ensure_future(
-                    self._cpu.run(_sha256, data)
-                    if len(data) >= INLINE_HASH_LIMIT
-                    else _done(_sha256(data))
+                    self._cpu.run(_sha256, raw)
+                    if len(raw) >= INLINE_HASH_LIMIT
+                    else _done(_sha256(raw))
                 )
-            elif len(data) < INLINE_HASH_LIMIT and (md5_chain is None or md5_chain.done()):
+            elif len(raw) < INLINE_HASH_LIMIT and (md5_chain is None or md5_chain.done()):
                 # small: hashing inline is cheaper than two thread hops
-                md5.update(data)
+                md5.update(raw)
                 digest = asyncio.get_running_loop().create_future()
-                digest.set_result(_sha256(data))
+                digest.set_result(_sha256(raw))
             else:
                 # MD5 runs over the chunks in order; each chunk's SHA-256 in parallel.
-                md5_chain = asyncio.ensure_future(md5_after(md5_chain, data))
-                digest = asyncio.ensure_future(self._cpu.run(_sha256, data))
+                md5_chain = asyncio.ensure_future(md5_after(md5_chain, raw))
+                digest = asyncio.ensure_future(self._cpu.run(_sha256, raw))
+            del raw
             digests.append(digest)
             this_index, this_offset = index, offset
             index += 1
@@ -227,28 +255,49 @@ class ChunkedWriter:
             task = asyncio.ensure_future(
                 self._write_one(version, prefix, this_index, this_offset, data, digest, None)
             )
-            task.add_done_callback(lambda _: slots.release())
             pending.add(task)
+
+            def finished(ok: bool) -> None:
+                # a chunk's slot is free once it is written *and* hashed, so chunks that
+                # wait for the MD5 chain count against ``write_ahead`` too; its buffer is
+                # reused only after success (a cancelled thread may still read it)
+                slots.release()
+                if ok and isinstance(data, HeadroomBuffer):
+                    pool.give(data.buf)
+
+            _when_done([task, digest, md5_chain], finished)
 
         try:
             async for piece in body:
-                if not buffer and isinstance(piece, bytearray) and len(piece) == self._chunk_size:
+                if not filled and isinstance(piece, bytearray) and len(piece) == self._chunk_size:
                     await submit(piece)  # a whole chunk handed over: taken without a copy
                     if size is not None and offset > size:
                         raise IncompleteBody(f"the body is longer than the declared {size} bytes")
                     continue
                 view = memoryview(piece)
                 while view:
-                    take = min(len(view), self._chunk_size - len(buffer))
-                    buffer += view[:take]
+                    if not filled:
+                        # a body that fills the chunk gets a reused buffer with room for
+                        # the blob header (no page faults, no copy to frame it); a short
+                        # tail grows a small one
+                        fixed = size is not None and size - offset >= self._chunk_size
+                        room = HEADROOM if fixed else 0
+                        buffer = pool.take(room + self._chunk_size) if fixed else bytearray()
+                    take = min(len(view), self._chunk_size - filled)
+                    if room:
+                        buffer[room + filled : room + filled + take] = view[:take]
+                    else:
+                        buffer += view[:take]
+                    filled += take
                     view = view[take:]
-                    if len(buffer) == self._chunk_size:
-                        full, buffer = buffer, bytearray()  # hand over, no copy
+                    if filled == self._chunk_size:
+                        full = HeadroomBuffer(buffer, room, filled) if room else buffer
+                        buffer, filled = bytearray(), 0  # handed over, no copy
                         await submit(full)
-                if size is not None and offset + len(buffer) > size:
+                if size is not None and offset + filled > size:
                     raise IncompleteBody(f"the body is longer than the declared {size} bytes")
-            if buffer or index == 0:
-                await submit(buffer)
+            if filled or index == 0:
+                await submit(HeadroomBuffer(buffer, room, filled) if room else buffer)
             if size is not None and offset != size:
                 raise IncompleteBody(f"the body ended after {offset} of {size} bytes")
             if pending:
@@ -273,6 +322,9 @@ class ChunkedWriter:
                     user_metadata=late_metadata() if late_metadata else version.user_metadata,
                 )
                 await self._write_one(version, prefix, 0, 0, data, digest, ident)
+                held = None
+                if isinstance(data, HeadroomBuffer):
+                    pool.give(data.buf)
             return WriteResult(
                 version.version_id, offset, body_etag, md5.digest() if body_md5 else b""
             )
@@ -294,7 +346,7 @@ class ChunkedWriter:
         prefix: str,
         index: int,
         offset: int,
-        data: bytearray,
+        data: bytearray | HeadroomBuffer,
         digest: Awaitable[bytes],
         identity: ObjectIdentity | None,
     ) -> None:
@@ -351,6 +403,7 @@ class ObjectService:
         chunk_size: int,
         write_ahead: int = 3,
         read_ahead: int = 4,
+        buffers: BufferPool | None = None,
     ) -> None:
         self._store = store
         self.chunks = chunks
@@ -361,6 +414,7 @@ class ObjectService:
             cpu,
             chunk_size=chunk_size,
             write_ahead=write_ahead,
+            buffers=buffers,
         )
 
     # -- buckets ---------------------------------------------------------------------
@@ -702,10 +756,12 @@ class ObjectService:
         try:
             fill()
             while window:
-                data = await window[0]
+                got = [await window[0]]
                 window.pop(0)
                 fill()
-                yield data
+                # yielded from the list, the buffer keeps no reference in this frame: a
+                # consumer may recycle it (BufferPool.give_if_unshared)
+                yield got.pop()
         finally:
             for task in window:
                 task.cancel()

@@ -28,6 +28,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 
 from appliance.clock import utcnow
+from appliance.data.buffers import BufferPool
 from appliance.data.cpu import CpuPool
 from appliance.errors import BucketExists, InvalidRange
 from appliance.meta.models import (
@@ -379,6 +380,25 @@ def _unsatisfiable(value: str) -> tuple[int, int]:
     raise InvalidRange(value)
 
 
+SEND_SLICE = 512 * 1024
+"""A large piece is handed to the transport in slices of this size: each is sent at once
+when the socket has room, instead of the unsent rest of a whole chunk being copied into
+a transport buffer of that size (and that buffer being mapped and faulted in afresh)."""
+
+
+async def _send(response: web.StreamResponse, piece: bytes | bytearray) -> None:
+    """Write ``piece`` to the response; no reference to it is kept afterwards."""
+    if len(piece) <= SEND_SLICE:
+        await response.write(piece)
+        return
+    view = memoryview(piece)
+    try:
+        for at in range(0, len(view), SEND_SLICE):
+            await response.write(view[at : at + SEND_SLICE])
+    finally:
+        view.release()
+
+
 class S3Frontend:
     """aiohttp handler for the S3 API, over the core's services."""
 
@@ -394,6 +414,7 @@ class S3Frontend:
         region: str,
         domain: str | None = None,
         clock: Callable[[], datetime] = utcnow,
+        buffers: BufferPool | None = None,
     ) -> None:
         self._objects = objects
         self._multipart = multipart
@@ -401,6 +422,7 @@ class S3Frontend:
         self._admin = admin
         self._bucket_config = bucket_config
         self._cpu = cpu
+        self._buffers = buffers or BufferPool(0)
         self._region = region
         self._domain = domain
         self._clock = clock
@@ -1142,9 +1164,12 @@ class S3Frontend:
             first = await anext(stream, None) if end > start else None
             await response.prepare(req.http)
             if first is not None:
-                await response.write(first)
+                await _send(response, first)
+                self._buffers.give_if_unshared(first, holders=1)  # sent or copied: reuse
+                first = None
                 async for piece in stream:
-                    await response.write(piece)
+                    await _send(response, piece)
+                    self._buffers.give_if_unshared(piece, holders=1)
             await response.write_eof()
         except Exception as exc:
             if not response.prepared:
