@@ -81,6 +81,6 @@ def test_headroom_frames_a_header_without_copying_the_data() -> None:
     assert framed is not None and bytes(framed) == b"HEAD0123456789"
     assert framed.obj is buf  # the same memory
     assert payload.framed(b"x" * (HEADROOM + 1)) is None
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="do not fit"):
         HeadroomBuffer(bytearray(10), 5, 6)
     assert payload_view(b"abc") == b"abc"
