@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import http.client
 import os
 import signal
@@ -229,6 +230,32 @@ def report(name: str, direct: Result, via: Result) -> None:
         print(f"{label + ' (' + unit + ')':28}{d:12.1f}{c:12.1f}{c / d:8.2f}")
 
 
+def hash_rates() -> dict[str, float]:
+    """MB/s of one core hashing 8 MiB buffers: the bound on a single stream's PUT (every
+    byte is MD5-hashed for the ETag and SHA-256-hashed per chunk) and GET (SHA-256
+    verified), whatever else the daemon does."""
+    data = os.urandom(8 * MiB)
+    rates = {}
+    for name in ("md5", "sha256"):
+        start = time.perf_counter()
+        for _ in range(16):
+            hashlib.new(name, data).digest()
+        rates[name] = 128 / (time.perf_counter() - start)
+    return rates
+
+
+def report_ceiling(direct: Result, rates: dict[str, float]) -> None:
+    """How close Cairn could get at best: the hashing alone, against the direct path."""
+    md5, sha = rates["md5"], rates["sha256"]
+    both = 1 / (1 / md5 + 1 / sha)  # on one core; two hashes in parallel need two cores
+    print(
+        f"hashing on one core here: MD5 {md5:.0f} MB/s, SHA-256 {sha:.0f} MB/s. "
+        f"A single-stream PUT cannot pass {md5:.0f} MB/s ({md5 / direct.put_mbs:.2f} of "
+        f"direct; {both:.0f} MB/s = {both / direct.put_mbs:.2f} with both hashes on one "
+        f"core), a GET {sha:.0f} MB/s ({sha / direct.get_mbs:.2f} of direct)"
+    )
+
+
 def peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -293,6 +320,7 @@ def main() -> None:
 
             via = measure_http(presign, big, small, args.small_count, args.workers)
             report("local directory (http.client: plain file server vs Cairn)", direct, via)
+            report_ceiling(direct, hash_rates())
 
             rss_file = tmp / "rss.bin"
             make_file(rss_file, args.rss_mib)
