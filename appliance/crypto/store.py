@@ -14,7 +14,6 @@ skipped like a corrupt one, so no wrong byte is ever returned.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
@@ -80,6 +79,18 @@ class EncryptionPolicy:
 
     def prefix_secret(self, bucket: str) -> bytes | None:
         return self._secret if self.encrypts(bucket) else None
+
+
+def _decrypt_into(
+    key: DataKey,
+    chunk_id: str,
+    size: int,
+    first: int,
+    stored: bytes | bytearray,
+    segments: int,
+    out: bytearray,
+) -> None:
+    decrypt_segments(key, chunk_id, size, first, stored, segments=segments, out=out)
 
 
 class EncryptingChunkStore(ChunkStorageWrapper[ChunkStore]):
@@ -265,19 +276,18 @@ class EncryptingChunkStore(ChunkStorageWrapper[ChunkStore]):
                         segments=segments,
                         out=out,
                     )
-                else:
-                    plain = await self._cpu.run(
-                        functools.partial(
-                            decrypt_segments,
-                            data_key,
-                            chunk.chunk_id,
-                            chunk.size,
-                            first,
-                            stored,
-                            segments=segments,
-                            out=out,
-                        )
+                else:  # handed off: the worker keeps no reference to either buffer
+                    await self._cpu.run_handing_off(
+                        _decrypt_into,
+                        data_key,
+                        chunk.chunk_id,
+                        chunk.size,
+                        first,
+                        stored,
+                        segments,
+                        out,
                     )
+                    plain = out
             except AuthenticationFailed as exc:
                 log.error("chunk %s on %s failed authentication", chunk.chunk_id, backend)
                 raise DataCorrupted(str(exc)) from exc

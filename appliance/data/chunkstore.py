@@ -296,7 +296,7 @@ class ChunkStore:
     async def _digest(self, data: bytes | bytearray | memoryview) -> bytes:
         if len(data) < INLINE_HASH_LIMIT:
             return _sha256(data)
-        return await self._cpu.run(_sha256, data)
+        return await self._cpu.run_handing_off(_sha256, data)
 
     async def delete_blob(self, backend: str, blob_key: str) -> bool:
         """Best-effort delete; returns False (and logs) when the backend refused.

@@ -10,7 +10,7 @@ import asyncio
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -29,6 +29,21 @@ class CpuPool:
         if kwargs:
             return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
         return await loop.run_in_executor(self._executor, fn, *args)
+
+    async def run_handing_off(self, fn: Callable[..., T], *args: Any) -> T:
+        """``run(fn, *args)``, but the worker drops its references to ``args`` before
+        this returns (a finished work item otherwise keeps them a moment longer), so a
+        buffer passed here can be recycled by reference count
+        (``BufferPool.give_if_unshared``). ``fn`` must not return one of them."""
+        box = list(args)
+
+        def call() -> T:
+            try:
+                return fn(*box)
+            finally:
+                box.clear()
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -739,33 +739,38 @@ class ObjectService:
     async def _read_ranges(
         self, plan: Sequence[tuple[ChunkPlacement, int, int]]
     ) -> AsyncIterator[bytes | bytearray]:
-        window: list[asyncio.Task[bytes | bytearray]] = []
+        # Each read delivers into its own box and its task returns None: a finished task
+        # (and the loop's handle waking us up) would otherwise hold the buffer a moment
+        # longer, and a consumer could not recycle it (BufferPool.give_if_unshared).
+        window: list[tuple[asyncio.Task[None], list[bytes | bytearray]]] = []
         next_index = 0
+
+        async def read_into(
+            box: list[bytes | bytearray], placement: ChunkPlacement, a: int, b: int
+        ) -> None:
+            box.append(await self.chunks.read(placement.chunk, placement.locations, a, b))
 
         def fill() -> None:
             nonlocal next_index
             while len(window) < self._read_ahead and next_index < len(plan):
                 placement, a, b = plan[next_index]
-                window.append(
-                    asyncio.ensure_future(
-                        self.chunks.read(placement.chunk, placement.locations, a, b)
-                    )
-                )
+                box: list[bytes | bytearray] = []
+                window.append((asyncio.ensure_future(read_into(box, placement, a, b)), box))
                 next_index += 1
 
         try:
             fill()
             while window:
-                got = [await window[0]]
+                task, box = window[0]
+                await task
                 window.pop(0)
                 fill()
-                # yielded from the list, the buffer keeps no reference in this frame: a
-                # consumer may recycle it (BufferPool.give_if_unshared)
-                yield got.pop()
+                # yielded from the box, the buffer keeps no reference in this frame
+                yield box.pop()
         finally:
-            for task in window:
+            for task, _ in window:
                 task.cancel()
-            for task in window:
+            for task, _ in window:
                 with contextlib.suppress(BaseException):
                     await task
 
