@@ -9,16 +9,13 @@ and a GET's chunks are written to the socket as they arrive.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import logging
 import re
 import secrets
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from datetime import UTC, datetime
-from email.utils import format_datetime, parsedate_to_datetime
+from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import datetime
 from typing import Any
 from urllib.parse import unquote
 
@@ -33,13 +30,10 @@ from appliance.data.cpu import CpuPool
 from appliance.errors import BucketExists, InvalidRange
 from appliance.meta.models import (
     Credential,
-    MultipartUpload,
     ObjectVersion,
     Part,
     Permission,
-    WritePrecondition,
 )
-from appliance.names import is_valid_bucket_name
 from appliance.services.access import AccessService
 from appliance.services.admin import AdminService
 from appliance.services.bucketconfig import CORS, BucketConfigService
@@ -50,16 +44,41 @@ from appliance.services.multipart import (
     part_range,
 )
 from appliance.services.objects import ObjectService, check_key
-from frontends.s3 import cors, mpchecksums
+from frontends.s3 import cors
 from frontends.s3 import xml as s3xml
 from frontends.s3.checksums import (
-    CHECKSUM_PREFIX,
     ChecksumAlgorithm,
 )
-from frontends.s3.chunked import RequestBody, strip_aws_chunked
+from frontends.s3.chunked import RequestBody
+from frontends.s3.conditions import check_conditions, parse_range
 from frontends.s3.errormap import to_s3_error
 from frontends.s3.errors import S3Error
+from frontends.s3.objchecksums import (
+    CHECKSUM_TYPE_HEADER,
+    WANTED_ALGORITHM,
+    WANTED_TYPE,
+    completed_checksum,
+    requested_checksum,
+    stored_checksums,
+)
+from frontends.s3.requests import (
+    MAX_KEYS,
+    META_PREFIX,
+    bucket_from_host,
+    client_gone,
+    decode_token,
+    encode_token,
+    http_date,
+    int_param,
+    parse_content_md5,
+    refuse_unsupported_writes,
+    split_path,
+    stored_headers,
+    virtual_key,
+    write_precondition,
+)
 from frontends.s3.sigv4 import AuthContext, RequestParts, SigV4Verifier
+from frontends.s3.streams import send_piece
 from frontends.s3.tags import (
     TAG_COUNT_HEADER,
     TAGGING_HEADER,
@@ -74,17 +93,7 @@ log = logging.getLogger("cairn.s3")
 REQUEST_ID_KEY = "cairn.request_id"
 BUCKET_KEY = "cairn.bucket"
 
-STORED_HEADERS = (
-    "Content-Type",
-    "Cache-Control",
-    "Content-Disposition",
-    "Content-Encoding",
-    "Content-Language",
-    "Expires",
-)
 CHECKSUM_HEADER_PREFIX = "x-amz-checksum-"
-META_PREFIX = "x-amz-meta-"
-MAX_KEYS = 1000
 DEFAULT_CONTENT_TYPE = "binary/octet-stream"
 RESPONSE_OVERRIDES = {
     "response-content-type": "Content-Type",
@@ -133,183 +142,11 @@ class _Request:
         self.query = request.query
 
 
-def _split_path(raw_path: str) -> tuple[str, str]:
-    """``(bucket, key)`` of a path-style request; key is percent-decoded only."""
-    path = raw_path.split("?", 1)[0]
-    if not path.startswith("/"):
-        raise S3Error("InvalidURI", "Couldn't parse the specified URI.", 400)
-    bucket, _, key = path[1:].partition("/")
-    try:
-        return unquote(bucket, errors="strict"), unquote(key, errors="strict")
-    except UnicodeDecodeError as exc:
-        raise S3Error("InvalidURI", "Couldn't parse the specified URI.", 400) from exc
-
-
-def _virtual_key(raw_path: str) -> str:
-    """The key of a virtual-hosted-style request: the whole path, percent-decoded."""
-    path = raw_path.split("?", 1)[0]
-    try:
-        return unquote(path[1:], errors="strict")
-    except UnicodeDecodeError as exc:
-        raise S3Error("InvalidURI", "Couldn't parse the specified URI.", 400) from exc
-
-
-def _bucket_from_host(host: str, domain: str | None) -> str | None:
-    """The bucket of a virtual-hosted-style request (``bucket.<domain>[:port]``), or None
-    when the request is path-style (no domain set, or another host)."""
-    if domain is None or not host:
-        return None
-    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    name = name.lower().rstrip(".")
-    suffix = "." + domain
-    if not name.endswith(suffix) or len(name) == len(suffix):
-        return None
-    bucket = name[: -len(suffix)]
-    if not is_valid_bucket_name(bucket):
-        raise S3Error("InvalidBucketName", f"{bucket!r} is not a valid bucket name.")
-    return bucket
-
-
-def _http_date(moment: datetime) -> str:
-    return format_datetime(moment.astimezone(UTC).replace(microsecond=0), usegmt=True)
-
-
-def _parse_http_date(value: str) -> datetime | None:
-    try:
-        parsed = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def _int_param(
-    query: Mapping[str, str], name: str, default: int, *, low: int = 0, high: int = MAX_KEYS
-) -> int:
-    raw = query.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise S3Error(
-            "InvalidArgument", f"Provided {name} not an integer or within integer range"
-        ) from exc
-    if value < low:
-        raise S3Error(
-            "InvalidArgument", f"Argument {name} must be an integer between {low} and 2147483647"
-        )
-    return min(value, high)
-
-
-def _token(marker: str) -> str:
-    return base64.urlsafe_b64encode(marker.encode("utf-8")).decode("ascii")
-
-
-def _untoken(token: str) -> str:
-    try:
-        return base64.urlsafe_b64decode(token.encode("ascii")).decode("utf-8")
-    except (ValueError, binascii.Error, UnicodeError) as exc:
-        raise S3Error("InvalidArgument", "The continuation token provided is incorrect") from exc
-
-
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _COPY_RANGE = re.compile(r"bytes=(\d{1,19})-(\d{1,19})")
 
 INTERNAL_HEADER_PREFIX = "x-cairn-"
 """Stored headers of Cairn's own (part sizes...): never sent to clients."""
-
-
-WANTED_ALGORITHM = "x-cairn-checksum-algorithm"
-WANTED_TYPE = "x-cairn-checksum-type"
-CHECKSUM_TYPE_HEADER = "x-amz-checksum-type"
-
-
-def _object_checksum(
-    req: _Request,
-    upload: MultipartUpload,
-    listed: Sequence[s3xml.CompletedPart],
-    stored: Mapping[int, Part],
-) -> dict[str, str]:
-    """The stored checksum headers of the object a completion makes, computed from
-    its parts' checksums (``frontends.s3.mpchecksums``); empty when the parts do not
-    all carry one. Raises ``InvalidPart`` when a part's checksum in the request
-    differs from the one stored, and ``BadDigest`` when a full-object checksum sent
-    with the completion differs from the one computed."""
-    per_part: list[dict[ChecksumAlgorithm, str]] = []
-    sizes: list[int] = []
-    for item in listed:
-        part = stored.get(item.part_number)
-        if part is None:
-            return {}  # the completion itself reports the missing part
-        found = _stored_checksums(part.headers)
-        for name, value in item.checksums.items():
-            algorithm = ChecksumAlgorithm.from_header(CHECKSUM_PREFIX + name.lower())
-            if algorithm is not None and found.get(algorithm, value) != value:
-                raise S3Error(
-                    "InvalidPart",
-                    f"The {algorithm.display_name} checksum of part {item.part_number} "
-                    "does not match the uploaded part.",
-                )
-        per_part.append(found)
-        sizes.append(part.size)
-    requested = upload.headers.get(WANTED_ALGORITHM)
-    choice = mpchecksums.choose(
-        ChecksumAlgorithm(requested.lower()) if requested else None,
-        upload.headers.get(WANTED_TYPE),
-        per_part,
-    )
-    if choice is None:
-        return {}
-    algorithm, kind = choice
-    values = [found[algorithm] for found in per_part]
-    if kind == mpchecksums.FULL_OBJECT:
-        value = mpchecksums.full_object(algorithm, list(zip(values, sizes, strict=True)))
-        sent = req.http.headers.get(algorithm.header)
-        if sent is not None and sent != value:
-            raise S3Error("BadDigest", f"The {algorithm.display_name} you specified did not "
-                          "match the calculated checksum.")  # fmt: skip
-    else:
-        value = mpchecksums.composite(algorithm, values)
-    return {algorithm.header: value, CHECKSUM_TYPE_HEADER: kind}
-
-
-def _stored_checksums(headers: Mapping[str, str]) -> dict[ChecksumAlgorithm, str]:
-    """The ``x-amz-checksum-<algorithm>`` values among stored headers."""
-    found: dict[ChecksumAlgorithm, str] = {}
-    for name, value in headers.items():
-        algorithm = ChecksumAlgorithm.from_header(name)
-        if algorithm is not None:
-            found[algorithm] = value
-    return found
-
-
-def _requested_checksum(request: web.Request) -> dict[str, str]:
-    """What CreateMultipartUpload asks for (``x-amz-checksum-algorithm``/``-type``), as
-    internal stored headers. Raises ``InvalidRequest`` for an unknown value."""
-    raw = request.headers.get("x-amz-checksum-algorithm")
-    kind = request.headers.get("x-amz-checksum-type")
-    if raw is None:
-        if kind is not None:
-            raise S3Error("InvalidRequest", "x-amz-checksum-type needs x-amz-checksum-algorithm.")
-        return {}
-    try:
-        algorithm = ChecksumAlgorithm(raw.strip().lower())
-    except ValueError as exc:
-        raise S3Error("InvalidRequest", f"Checksum algorithm {raw!r} is not supported.") from exc
-    chosen = (kind or "").strip().upper() or (
-        mpchecksums.FULL_OBJECT
-        if algorithm is ChecksumAlgorithm.CRC64NVME
-        else mpchecksums.COMPOSITE
-    )
-    if chosen not in (mpchecksums.COMPOSITE, mpchecksums.FULL_OBJECT) or (
-        chosen == mpchecksums.FULL_OBJECT and not mpchecksums.combinable(algorithm)
-    ):
-        raise S3Error(
-            "InvalidRequest",
-            f"The {chosen} checksum type cannot be used with the "
-            f"{algorithm.display_name} checksum algorithm.",
-        )
-    return {WANTED_ALGORITHM: algorithm.display_name, WANTED_TYPE: chosen}
 
 
 def _part_number_param(req: _Request) -> int | None:
@@ -324,79 +161,6 @@ def _part_number_param(req: _Request) -> int | None:
             ArgumentValue=raw[:100],
         )
     return int(raw)
-
-
-def _stored_headers(request: web.Request) -> tuple[dict[str, str], dict[str, str]]:
-    """Headers kept with an object, and its user metadata (names lowercased)."""
-    headers: dict[str, str] = {}
-    for name in STORED_HEADERS:
-        value = request.headers.get(name)
-        if name == "Content-Encoding":
-            value = strip_aws_chunked(value)
-        if value:
-            headers[name] = value
-    meta = {
-        name[len(META_PREFIX) :].lower(): value
-        for name, value in request.headers.items()
-        if name.lower().startswith(META_PREFIX)
-    }
-    tagging = request.headers.get(TAGGING_HEADER)
-    if tagging:
-        tags = parse_tag_header(tagging)
-        if tags:
-            headers[TAGGING_HEADER] = encode_tags(tags)
-    return headers, meta
-
-
-def _parse_range(value: str, size: int) -> tuple[int, int] | None:
-    """``[start, end)`` for a single ``bytes=`` range; None to serve the whole object.
-
-    Raises ``InvalidRange`` when the range starts past the end.
-    """
-    unit, _, spec = value.strip().partition("=")
-    if unit.strip().lower() != "bytes" or "," in spec:
-        return None
-    first, dash, last = spec.strip().partition("-")
-    if not dash:
-        return None
-    try:
-        if first == "":
-            suffix = int(last)
-            if suffix <= 0:
-                raise InvalidRange(value)
-            return (max(0, size - suffix), size) if size else _unsatisfiable(value)
-        start = int(first)
-        end = size if last == "" else min(int(last) + 1, size)
-    except ValueError:
-        return None
-    if start >= size or (last != "" and int(last) < start):
-        if last != "" and int(last) < start:
-            return None  # syntactically invalid: ignored, as S3 does
-        raise InvalidRange(value)
-    return start, end
-
-
-def _unsatisfiable(value: str) -> tuple[int, int]:
-    raise InvalidRange(value)
-
-
-SEND_SLICE = 512 * 1024
-"""A large piece is handed to the transport in slices of this size: each is sent at once
-when the socket has room, instead of the unsent rest of a whole chunk being copied into
-a transport buffer of that size (and that buffer being mapped and faulted in afresh)."""
-
-
-async def _send(response: web.StreamResponse, piece: bytes | bytearray) -> None:
-    """Write ``piece`` to the response; no reference to it is kept afterwards."""
-    if len(piece) <= SEND_SLICE:
-        await response.write(piece)
-        return
-    view = memoryview(piece)
-    try:
-        for at in range(0, len(view), SEND_SLICE):
-            await response.write(view[at : at + SEND_SLICE])
-    finally:
-        view.release()
 
 
 class S3Frontend:
@@ -479,7 +243,7 @@ class S3Frontend:
             response = await self._dispatch(request)
         except Exception as exc:  # mapped to an S3 error document below
             error = to_s3_error(exc)
-            if error is None and _client_gone(request, exc):
+            if error is None and client_gone(request, exc):
                 # The client hung up while sending its body: nothing was stored and
                 # nobody is left to answer. Not a server error.
                 log.info("%s %s: the client went away: %r", request.method, request.path, exc)
@@ -528,10 +292,10 @@ class S3Frontend:
         return credential
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
-        bucket, key = _split_path(request.raw_path)
-        virtual = _bucket_from_host(request.headers.get("Host", ""), self._domain)
+        bucket, key = split_path(request.raw_path)
+        virtual = bucket_from_host(request.headers.get("Host", ""), self._domain)
         if virtual is not None:  # the whole path is the key
-            bucket, key = virtual, _virtual_key(request.raw_path)
+            bucket, key = virtual, virtual_key(request.raw_path)
         request[BUCKET_KEY] = bucket
         if request.method == "OPTIONS":
             return await self._preflight(request, bucket)
@@ -693,11 +457,11 @@ class S3Frontend:
         prefix = query.get("prefix", "")
         delimiter = query.get("delimiter") or None
         encoding = s3xml.check_encoding_type(query.get("encoding-type"))
-        max_keys = _int_param(query, "max-keys", MAX_KEYS)
+        max_keys = int_param(query, "max-keys", MAX_KEYS)
         token = query.get("continuation-token") if v2 else None
         start_after = query.get("start-after") if v2 else None
         marker = query.get("marker") if not v2 else None
-        resume = _untoken(token) if token else (start_after or marker or None)
+        resume = decode_token(token) if token else (start_after or marker or None)
         if max_keys == 0:
             await self._objects.get_bucket(req.bucket)
             entries: tuple[Any, ...] = ()
@@ -725,7 +489,7 @@ class S3Frontend:
             marker=marker or "" if not v2 else None,
             next_marker=next_marker if (not v2 and truncated and delimiter) else None,
             continuation_token=token if v2 else None,
-            next_continuation_token=_token(next_marker)
+            next_continuation_token=encode_token(next_marker)
             if (v2 and truncated and next_marker)
             else None,
             start_after=start_after if v2 else None,
@@ -765,7 +529,7 @@ class S3Frontend:
     async def _list_uploads(self, req: _Request) -> web.Response:
         query = req.query
         prefix = query.get("prefix", "")
-        max_uploads = _int_param(query, "max-uploads", MAX_KEYS)
+        max_uploads = int_param(query, "max-uploads", MAX_KEYS)
         key_marker = query.get("key-marker") or None
         id_marker = query.get("upload-id-marker") or None
         uploads = await self._multipart.list_uploads(
@@ -807,14 +571,14 @@ class S3Frontend:
             self._require(req, Permission.WRITE)
             if "x-amz-copy-source" in req.http.headers:
                 if "uploadId" in query or "partNumber" in query:
-                    _refuse_unsupported_writes(req.http, conditional=False, object_level=False)
+                    refuse_unsupported_writes(req.http, conditional=False, object_level=False)
                     return await self._upload_part_copy(req)
-                _refuse_unsupported_writes(req.http, conditional=True, object_level=True)
+                refuse_unsupported_writes(req.http, conditional=True, object_level=True)
                 return await self._copy_object(req)
             if "uploadId" in query or "partNumber" in query:
-                _refuse_unsupported_writes(req.http, conditional=False, object_level=False)
+                refuse_unsupported_writes(req.http, conditional=False, object_level=False)
                 return await self._upload_part(req)
-            _refuse_unsupported_writes(req.http, conditional=False, object_level=True)
+            refuse_unsupported_writes(req.http, conditional=False, object_level=True)
             return await self._put_object(req)
         if method == "DELETE":
             self._require(req, Permission.DELETE if "uploadId" not in query else Permission.WRITE)
@@ -827,9 +591,9 @@ class S3Frontend:
         if method == "POST":
             self._require(req, Permission.WRITE)
             if "uploads" in query:
-                _refuse_unsupported_writes(req.http, conditional=False, object_level=True)
-                headers, meta = _stored_headers(req.http)
-                wanted = _requested_checksum(req.http)
+                refuse_unsupported_writes(req.http, conditional=False, object_level=True)
+                headers, meta = stored_headers(req.http)
+                wanted = requested_checksum(req.http)
                 headers.update(wanted)
                 upload = await self._multipart.create(
                     req.bucket, req.key, headers=headers, user_metadata=meta
@@ -841,7 +605,7 @@ class S3Frontend:
                     answer.headers["x-amz-checksum-type"] = wanted[WANTED_TYPE]
                 return answer
             if "uploadId" in query:
-                _refuse_unsupported_writes(req.http, conditional=False, object_level=False)
+                refuse_unsupported_writes(req.http, conditional=False, object_level=False)
                 return await self._complete(req)
         raise S3Error(
             "MethodNotAllowed", "The specified method is not allowed against this resource."
@@ -905,9 +669,9 @@ class S3Frontend:
 
     async def _put_object(self, req: _Request) -> web.Response:
         size = self._declared_size(req.http)
-        content_md5 = _content_md5(req.http)
+        content_md5 = parse_content_md5(req.http)
         body = self._body(req.http, md5_by_writer=True)
-        headers, meta = _stored_headers(req.http)
+        headers, meta = stored_headers(req.http)
         result = await self._objects.put_object(
             req.bucket,
             req.key,
@@ -917,7 +681,7 @@ class S3Frontend:
             user_metadata=meta,
             content_md5=content_md5,
             late_headers=lambda: {alg.header: value for alg, value in body.checksums.items()},
-            precondition=_write_precondition(req.http),
+            precondition=write_precondition(req.http),
         )
         response = web.Response(headers={"ETag": s3xml.quote_etag(result.etag)})
         for algorithm, value in body.checksums.items():
@@ -932,7 +696,7 @@ class S3Frontend:
         if directive not in ("COPY", "REPLACE"):
             raise S3Error("InvalidArgument", "Unknown metadata directive.")
         source = await self._objects.open_object(src_bucket, src_key)
-        _check_conditions(
+        check_conditions(
             req.http, source.version, prefix="x-amz-copy-source-", not_modified="PreconditionFailed"
         )
         tag_directive = req.http.headers.get("x-amz-tagging-directive", "COPY").upper()
@@ -942,7 +706,7 @@ class S3Frontend:
         meta: dict[str, str] | None = None
         source_tags = source.version.headers.get(TAGGING_HEADER)
         if directive == "REPLACE":
-            headers, meta = _stored_headers(req.http)
+            headers, meta = stored_headers(req.http)
             headers.pop(TAGGING_HEADER, None)
             if tag_directive == "COPY" and source_tags:
                 headers[TAGGING_HEADER] = source_tags
@@ -1004,7 +768,7 @@ class S3Frontend:
         upload = await self._multipart.get(req.query.get("uploadId", ""), req.bucket, req.key)
         src_bucket, src_key = self._copy_source(req)
         source = await self._objects.open_object(src_bucket, src_key)
-        _check_conditions(
+        check_conditions(
             req.http, source.version, prefix="x-amz-copy-source-", not_modified="PreconditionFailed"
         )
         size = source.version.size
@@ -1044,7 +808,7 @@ class S3Frontend:
             )
         upload = await self._multipart.get(query.get("uploadId", ""), req.bucket, req.key)
         size = self._declared_size(req.http)
-        content_md5 = _content_md5(req.http)
+        content_md5 = parse_content_md5(req.http)
         body = self._body(req.http, md5_by_writer=True)
         result = await self._multipart.upload_part(
             upload,
@@ -1066,13 +830,13 @@ class S3Frontend:
         checksum: dict[str, str] = {}
 
         def object_checksum(stored: Mapping[int, Part]) -> dict[str, str]:
-            checksum.update(_object_checksum(req, upload, parts, stored))
+            checksum.update(completed_checksum(req.http.headers, upload, parts, stored))
             return checksum
 
         done = await self._multipart.complete(
             upload,
             [(p.part_number, p.etag) for p in parts],
-            precondition=_write_precondition(req.http),
+            precondition=write_precondition(req.http),
             headers_from_parts=object_checksum,
         )
         location = f"/{req.bucket}/{req.key}"
@@ -1093,8 +857,8 @@ class S3Frontend:
 
     async def _list_parts(self, req: _Request) -> web.Response:
         upload = await self._multipart.get(req.query["uploadId"], req.bucket, req.key)
-        max_parts = _int_param(req.query, "max-parts", MAX_KEYS)
-        marker = _int_param(req.query, "part-number-marker", 0, high=MAX_PART_NUMBER)
+        max_parts = int_param(req.query, "max-parts", MAX_KEYS)
+        marker = int_param(req.query, "part-number-marker", 0, high=MAX_PART_NUMBER)
         parts = await self._multipart.list_parts(upload, marker=marker, limit=max_parts + 1)
         truncated = len(parts) > max_parts
         parts = parts[:max_parts]
@@ -1110,7 +874,7 @@ class S3Frontend:
                     p.created_at,
                     p.etag,
                     p.size,
-                    {a.display_name: v for a, v in _stored_checksums(p.headers).items()},
+                    {a.display_name: v for a, v in stored_checksums(p.headers).items()},
                 )
                 for p in parts
             ],
@@ -1128,7 +892,7 @@ class S3Frontend:
             )
         handle = await self._objects.open_object(req.bucket, req.key)
         version = handle.version
-        _check_conditions(req.http, version)
+        check_conditions(req.http, version)
         headers = self._object_headers(req, version)
         start, end, status = 0, version.size, 200
         if part_number is not None:
@@ -1142,7 +906,7 @@ class S3Frontend:
                 headers["Content-Range"] = f"bytes {start}-{max(end - 1, start)}/{version.size}"
         elif range_header:
             try:
-                chosen = _parse_range(range_header, version.size)
+                chosen = parse_range(range_header, version.size)
             except InvalidRange as exc:
                 raise S3Error(
                     "InvalidRange",
@@ -1164,11 +928,11 @@ class S3Frontend:
             first = await anext(stream, None) if end > start else None
             await response.prepare(req.http)
             if first is not None:
-                await _send(response, first)
+                await send_piece(response, first)
                 self._buffers.give_if_unshared(first, holders=1)  # sent or copied: reuse
                 first = None
                 async for piece in stream:
-                    await _send(response, piece)
+                    await send_piece(response, piece)
                     self._buffers.give_if_unshared(piece, holders=1)
             await response.write_eof()
         except Exception as exc:
@@ -1176,7 +940,7 @@ class S3Frontend:
                 raise  # nothing sent yet: answered with an S3 error document
             # Headers (and a Content-Length) are out: the only honest signal left is to cut
             # the connection, so the client sees a short body instead of wrong bytes.
-            if _client_gone(req.http, exc):
+            if client_gone(req.http, exc):
                 log.info("GET %s/%s: the client went away: %r", req.bucket, req.key, exc)
             else:
                 log.exception(
@@ -1203,11 +967,11 @@ class S3Frontend:
                 if unknown
                 else "x-amz-object-attributes must name at least one attribute",
             )
-        max_parts = _int_param(headers, "x-amz-max-parts", MAX_KEYS)
-        marker = _int_param(headers, "x-amz-part-number-marker", 0, high=MAX_PART_NUMBER)
+        max_parts = int_param(headers, "x-amz-max-parts", MAX_KEYS)
+        marker = int_param(headers, "x-amz-part-number-marker", 0, high=MAX_PART_NUMBER)
         version = (await self._objects.open_object(req.bucket, req.key)).version
-        _check_conditions(req.http, version)
-        checksums = {a.display_name: v for a, v in _stored_checksums(version.headers).items()}
+        check_conditions(req.http, version)
+        checksums = {a.display_name: v for a, v in stored_checksums(version.headers).items()}
         attributes = s3xml.ObjectAttributes(
             etag=version.etag if "ETag" in asked else None,
             checksums=checksums if "Checksum" in asked else None,
@@ -1232,13 +996,13 @@ class S3Frontend:
         return web.Response(
             body=s3xml.render_object_attributes(attributes),
             content_type="application/xml",
-            headers={"Last-Modified": _http_date(version.created_at)},
+            headers={"Last-Modified": http_date(version.created_at)},
         )
 
     def _object_headers(self, req: _Request, version: ObjectVersion) -> dict[str, str]:
         headers: dict[str, str] = {
             "ETag": s3xml.quote_etag(version.etag),
-            "Last-Modified": _http_date(version.created_at),
+            "Last-Modified": http_date(version.created_at),
             "Accept-Ranges": "bytes",
             "Content-Type": DEFAULT_CONTENT_TYPE,
         }
@@ -1271,125 +1035,3 @@ class _HttpLogger(logging.LoggerAdapter[logging.Logger]):
             self.logger.info("%s: %r", str(msg) % args if args else msg, exc)
             return
         self.logger.error(msg, *args, exc_info=exc_info, **kwargs)
-
-
-SSE_C_HEADERS = (
-    "x-amz-server-side-encryption-customer-algorithm",
-    "x-amz-server-side-encryption-customer-key",
-    "x-amz-server-side-encryption-customer-key-md5",
-)
-OBJECT_LOCK_HEADERS = (
-    "x-amz-object-lock-mode",
-    "x-amz-object-lock-retain-until-date",
-    "x-amz-object-lock-legal-hold",
-)
-
-
-def _content_md5(request: web.Request) -> bytes | None:
-    """The decoded ``Content-MD5`` header; ``InvalidDigest`` when it is not 16 bytes of
-    base64."""
-    value = request.headers.get("Content-MD5")
-    if value is None:
-        return None
-    try:
-        raw = base64.b64decode(value.strip(), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise S3Error("InvalidDigest") from exc
-    if len(raw) != 16:
-        raise S3Error("InvalidDigest")
-    return raw
-
-
-def _write_precondition(request: web.Request) -> WritePrecondition | None:
-    """The conditional-write headers of a PutObject or CompleteMultipartUpload.
-
-    ``If-None-Match`` accepts only ``*`` (as S3 does); ``If-Match`` takes an ETag. They
-    are checked when the write commits, atomically; a failed condition leaves the key
-    as it was (412 PreconditionFailed).
-    """
-    if_none_match = request.headers.get("If-None-Match")
-    if_match = request.headers.get("If-Match")
-    if if_none_match is None and if_match is None:
-        return None
-    if if_none_match is not None and if_none_match.strip() != "*":
-        raise S3Error("NotImplemented", "If-None-Match on a write accepts only '*'.")
-    return WritePrecondition(if_none_match=if_none_match is not None, if_match=if_match)
-
-
-def _refuse_unsupported_writes(
-    request: web.Request, *, conditional: bool, object_level: bool
-) -> None:
-    """Refuse write options whose promise Cairn cannot keep, instead of ignoring them.
-
-    Ignored, each would tell the client something false: a conditional write
-    (``If-None-Match: *``, ``If-Match``) would silently overwrite; SSE-C or SSE-KMS
-    would store the object without the client's key (and serve it to anyone who may
-    read the bucket); Object Lock would leave a "retained" object deletable. Other
-    unsupported options (ACLs, tags, storage classes) are ignored as before.
-    """
-    headers = request.headers
-    if conditional and ("If-None-Match" in headers or "If-Match" in headers):
-        raise S3Error(
-            "NotImplemented",
-            "Conditional writes (If-None-Match, If-Match) are not implemented; "
-            "nothing was written.",
-        )
-    if any(name in headers for name in SSE_C_HEADERS):
-        raise S3Error(
-            "NotImplemented",
-            "Server-side encryption with customer-provided keys (SSE-C) is not implemented.",
-        )
-    if not object_level:
-        return
-    sse = headers.get("x-amz-server-side-encryption", "")
-    if sse.lower().startswith("aws:kms") or "x-amz-server-side-encryption-aws-kms-key-id" in (
-        headers
-    ):
-        raise S3Error("NotImplemented", "Server-side encryption with KMS keys is not implemented.")
-    if any(name in headers for name in OBJECT_LOCK_HEADERS):
-        raise S3Error("InvalidRequest", "Bucket is missing Object Lock Configuration")
-
-
-def _client_gone(request: web.Request, exc: BaseException) -> bool:
-    """True when ``exc`` is the client's connection failing (reset, closed, broken pipe)."""
-    if not isinstance(exc, ConnectionError):
-        return False
-    transport = request.transport
-    return transport is None or transport.is_closing()
-
-
-def _etag_matches(header: str, etag: str) -> bool:
-    wanted = [t.strip().strip('"') for t in header.split(",")]
-    return "*" in wanted or etag.strip('"') in wanted
-
-
-def _check_conditions(
-    request: web.Request,
-    version: ObjectVersion,
-    *,
-    prefix: str = "",
-    not_modified: str = "NotModified",
-) -> None:
-    """RFC 7232 / S3 conditional requests. Raises PreconditionFailed or ``not_modified``.
-
-    GET/HEAD read ``If-*``; CopyObject reads ``x-amz-copy-source-if-*`` (``prefix``) and
-    answers PreconditionFailed where a GET would answer NotModified.
-    """
-    headers = request.headers
-    modified = version.created_at.replace(microsecond=0)
-    if_match = headers.get(f"{prefix}If-Match")
-    if_none_match = headers.get(f"{prefix}If-None-Match")
-    if if_match is not None:
-        if not _etag_matches(if_match, version.etag):
-            raise S3Error("PreconditionFailed", Condition=f"{prefix}If-Match")
-    elif (since := headers.get(f"{prefix}If-Unmodified-Since")) is not None:
-        moment = _parse_http_date(since)
-        if moment is not None and modified > moment:
-            raise S3Error("PreconditionFailed", Condition=f"{prefix}If-Unmodified-Since")
-    if if_none_match is not None:
-        if _etag_matches(if_none_match, version.etag):
-            raise S3Error(not_modified, Condition=f"{prefix}If-None-Match")
-    elif (since := headers.get(f"{prefix}If-Modified-Since")) is not None:
-        moment = _parse_http_date(since)
-        if moment is not None and modified <= moment:
-            raise S3Error(not_modified, Condition=f"{prefix}If-Modified-Since")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 
+from aiohttp import web
+
 ReadFn = Callable[[int], Awaitable[bytes]]
 """``read(n)``: up to ``n`` bytes of the body, ``b""`` once the body is exhausted."""
 
@@ -71,3 +73,22 @@ async def release_last_after_end(pieces: AsyncIterable[bytes]) -> AsyncIterator[
         held = piece
     if held is not None:
         yield held
+
+
+SEND_SLICE = 512 * 1024
+"""A large piece is handed to the transport in slices of this size: each is sent at once
+when the socket has room, instead of the unsent rest of a whole chunk being copied into
+a transport buffer of that size (and that buffer being mapped and faulted in afresh)."""
+
+
+async def send_piece(response: web.StreamResponse, piece: bytes | bytearray) -> None:
+    """Write ``piece`` to the response; no reference to it is kept afterwards."""
+    if len(piece) <= SEND_SLICE:
+        await response.write(piece)
+        return
+    view = memoryview(piece)
+    try:
+        for at in range(0, len(view), SEND_SLICE):
+            await response.write(view[at : at + SEND_SLICE])
+    finally:
+        view.release()
