@@ -48,7 +48,7 @@ from appliance.errors import (
 )
 from appliance.ids import new_sortable_id
 from appliance.meta.errors import Conflict
-from appliance.meta.models import ChunkPlacement, ChunkRef, ObjectVersion, VersionKind
+from appliance.meta.models import ChunkPlacement, ChunkRef, DirRow, ObjectVersion, VersionKind
 from appliance.meta.store import MetadataStore
 from appliance.placement.pool import PoolState
 from appliance.services.fileattrs import (
@@ -289,6 +289,10 @@ class FileService:
         self._open: dict[tuple[str, str], OpenFile] = {}
         self._dirs: TTLCache[tuple[str, str], FileAttr] = TTLCache(maxsize=4096, ttl=dir_ttl)
         self._absent: TTLCache[tuple[str, str], bool] = TTLCache(maxsize=4096, ttl=dir_ttl)
+        # Attributes of files this mount committed within ``dir_ttl``: the kernel asks
+        # for them right after ``close``. Dropped by every change made here; a change
+        # made through S3 shows after ``dir_ttl``, like the kernel's attribute cache.
+        self._recent: TTLCache[tuple[str, str], FileAttr] = TTLCache(maxsize=4096, ttl=dir_ttl)
 
     def prepare(self) -> None:
         """Create the spool directory (mode 0700). Raises ``OSError``."""
@@ -326,6 +330,9 @@ class FileService:
         node = self._open.get((bucket, path))
         if node is not None and not node.unlinked:
             return node.attr
+        known = self._dirs.get((bucket, path)) or self._recent.get((bucket, path))
+        if known is not None:  # seen within the attribute timeout (see __init__)
+            return known
         version = await self._store.get_current(bucket, path)
         if version is not None:
             return self._file_attr(version)
@@ -358,8 +365,13 @@ class FileService:
         """Forget cached directory attributes (one directory, or all with None)."""
         if path is None:
             self._dirs.clear()
+            self._recent.clear()
         else:
             self._dirs.pop((bucket, path), None)
+
+    def _file_changed(self, bucket: str, path: str) -> None:
+        """Forget the cached attributes of a file this mount committed."""
+        self._recent.pop((bucket, path), None)
 
     async def list_dir(
         self, bucket: str, path: str, *, after: str | None = None, limit: int = LIST_PAGE
@@ -370,43 +382,38 @@ class FileService:
         frontend adds them). Raises ``NoSuchPath``, ``NotADirectory``.
         """
         prefix = _dir_key(path)
-        page = await self._store.list_objects(
+        page = await self._store.list_directory(
             bucket,
             prefix=prefix,
             delimiter=SEP,
             start_after=prefix + after if after is not None else None,
             limit=limit,
         )
-        names: list[tuple[str, str, bool]] = []  # (name, key, is common prefix)
-        for entry in page.entries:
-            if entry.key != prefix:  # the directory's own marker
-                names.append((entry.key[len(prefix) :], entry.key, False))
-        names += [(p[len(prefix) : -1], p, True) for p in page.common_prefixes]
-        names.sort(key=lambda item: item[0].encode("utf-8", "surrogatepass"))
+        # (name, row); a file and a directory of one name: the directory wins
+        rows: dict[str, DirRow] = {}
+        for row in page.rows:
+            name = row.key[len(prefix) :].rstrip(SEP) if row.is_prefix else row.key[len(prefix) :]
+            if not name or SEP in name:
+                continue  # the directory's own marker, or a key with "//" (not addressable)
+            if row.is_prefix or name not in rows:
+                rows[name] = row
         out: list[DirEntry] = []
-        for name, key, is_prefix in names:
-            if not name:
-                continue  # a key with "//" has an empty component: not addressable
-            if is_prefix:
-                dir_marker = await self._store.get_current(bucket, key)
+        for name in sorted(rows, key=lambda n: n.encode("utf-8", "surrogatepass")):
+            row = rows[name]
+            if row.is_prefix:
                 attr = (
-                    self._file_attr(dir_marker, directory=True)
-                    if dir_marker is not None
+                    self._file_attr(row.version, directory=True)
+                    if row.version is not None
                     else self._implicit_dir(self._clock())
                 )
-                # a file and a directory of one name: the directory wins in listings
-                out = [e for e in out if e.name != name]
             else:
-                if any(e.name == name for e in out):
-                    continue
-                node = self._open.get((bucket, key))
+                node = self._open.get((bucket, row.key))
                 if node is not None and not node.unlinked:
                     attr = node.attr
-                else:
-                    version = await self._store.get_current(bucket, key)
-                    if version is None:
-                        continue  # deleted since the listing
-                    attr = self._file_attr(version)
+                elif row.version is not None:
+                    attr = self._file_attr(row.version)
+                else:  # pragma: no cover - a file row always has its version
+                    continue
             out.append(DirEntry(name, attr))
         if not page.truncated and not out and path and after is None:
             await self._require_dir(bucket, path)
@@ -517,6 +524,7 @@ class FileService:
         node = self._open.get((bucket, path))
         if node is not None:
             self._forget_node(node)
+        self._file_changed(bucket, path)
         await self._store.delete_object(bucket, path)
 
     def _forget_node(self, node: OpenFile) -> None:
@@ -561,6 +569,8 @@ class FileService:
         """
         if not src or not dst:
             raise NotPermitted("a bucket's root cannot be renamed")
+        self._file_changed(bucket, src)
+        self._file_changed(dst_bucket, dst)
         try:
             await self._rename(bucket, src, dst_bucket, dst, noreplace=noreplace)
         finally:
@@ -668,6 +678,7 @@ class FileService:
         """Store new attributes of a committed entry as a metadata-only new version."""
         if not path:
             raise NotPermitted("a bucket's root has no attributes of its own")
+        self._file_changed(bucket, path)
         if attr.is_dir:
             self._dir_changed(bucket, path)
             key = _dir_key(path)
@@ -982,6 +993,8 @@ class FileService:
                     node.reader = None
                 if self._open.get((node.bucket, node.key)) is node:
                     del self._open[(node.bucket, node.key)]
+                    if not node.dirty and not node.unlinked:
+                        self._recent[(node.bucket, node.key)] = node.attr
                 if node.spool is not None and node.unlinked:
                     node.spool.remove()
                 elif node.spool is not None:  # the commit failed: keep it for recovery
