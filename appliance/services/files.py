@@ -62,6 +62,7 @@ from appliance.services.fileattrs import (
     xattrs,
 )
 from appliance.services.objects import ObjectHandle, ObjectService, WriteResult, check_key
+from appliance.services.renames import RenameJournal
 from appliance.services.spool import Spool
 
 log = logging.getLogger("cairn.files")
@@ -653,19 +654,33 @@ class FileService:
                 if node.spool is not None:
                     node.spool.bucket, node.spool.key = node.bucket, node.key
                     node.spool.save_if_attached()
+        journal = await asyncio.to_thread(
+            RenameJournal.create, self._spool_dir, new_sortable_id(), bucket, old, dst_bucket, new
+        )
+        await self._finish_rename(journal)
+
+    async def _finish_rename(self, journal: RenameJournal) -> int:
+        """Move every key left under the journal's source prefix, make sure the new
+        directory exists, then drop the journal. Idempotent: a key moved twice (the
+        process died between its copy and its removal) is copied again, whole."""
+        old, new = journal.src, journal.dst
         moved = 0
         while True:
-            page = await self._store.list_objects(bucket, prefix=old, limit=LIST_PAGE)
+            page = await self._store.list_objects(journal.bucket, prefix=old, limit=LIST_PAGE)
             if not page.entries:
                 break
             for entry in page.entries:
-                await self._move_key(bucket, entry.key, dst_bucket, new + entry.key[len(old) :])
-                moved += 1
-        if moved == 0 or await self._store.get_current(dst_bucket, new) is None:
+                dst_key = new + entry.key[len(old) :]
+                with contextlib.suppress(NoSuchPath):  # removed since the listing
+                    await self._move_key(journal.bucket, entry.key, journal.dst_bucket, dst_key)
+                    moved += 1
+        if moved == 0 or await self._store.get_current(journal.dst_bucket, new) is None:
             # keep the directory itself (and its attributes) when it had no marker
             now = self._clock()
             attr = FileAttr(DEFAULT_DIR_MODE, self.uid, self.gid, 0, now, now, now)
-            await self._put_small(dst_bucket, new, b"", attr, {})
+            await self._put_small(journal.dst_bucket, new, b"", attr, {})
+        journal.remove()
+        return moved
 
     async def link(self, bucket: str, path: str, new_bucket: str, new_path: str) -> None:
         """Hard links are not supported (docs/fuse.md): raises ``NotSupported``."""
@@ -1200,8 +1215,13 @@ class FileService:
         writes started from; otherwise to ``<key>.cairn-recovered-<spool id>`` so no
         newer data is overwritten. A spool that cannot be committed is kept and
         reported. Never raises for one file's failure.
+
+        Directory renames cut short (their journals, ``appliance.services.renames``) are
+        finished first, so spools of files under them find their new keys.
         """
-        out: list[Recovered] = []
+        out: list[Recovered] = [
+            await self._recover_rename(p) for p in RenameJournal.pending(self._spool_dir)
+        ]
         for journal in sorted(self._spool_dir.glob("*.json")):
             try:
                 spool = Spool.load(journal)
@@ -1215,6 +1235,36 @@ class FileService:
                 with contextlib.suppress(OSError):
                     stray.unlink()
         return out
+
+    async def _recover_rename(self, path: Path) -> Recovered:
+        """Roll a directory rename forward; a journal that cannot be finished is kept."""
+        try:
+            journal = RenameJournal.load(path)
+        except (OSError, ValueError, KeyError) as exc:
+            return Recovered("?", "?", None, 0, f"{path}: unreadable rename journal: {exc}")
+        try:
+            moved = await self._finish_rename(journal)
+        except Exception as exc:
+            log.error(
+                "rename recovery: %s/%s -> %s/%s not finished, journal kept in %s: %s",
+                journal.bucket,
+                journal.src,
+                journal.dst_bucket,
+                journal.dst,
+                path,
+                exc,
+            )
+            return Recovered(journal.bucket, journal.src, None, 0, f"rename kept: {exc}")
+        log.warning(
+            "rename recovery: %s/%s -> %s/%s finished (%d keys were left to move)",
+            journal.bucket,
+            journal.src,
+            journal.dst_bucket,
+            journal.dst,
+            moved,
+        )
+        detail = f"directory rename finished ({moved} keys moved)"
+        return Recovered(journal.bucket, journal.src, journal.dst, 0, detail)
 
     async def _recover_one(self, spool: Spool) -> Recovered:
         size = spool.size

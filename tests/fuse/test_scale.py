@@ -4,7 +4,10 @@ by ``kill -9`` and finished at the next start."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import sqlite3
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -77,3 +80,65 @@ def test_directory_of_100000_entries_lists_in_pages(mount_factory: MountFactory)
     assert took < 120
     # stat of entries listed (readdirplus gave the kernel their attributes)
     assert os.stat(daemon.mnt / "big" / names[-1]).st_size == 0
+
+
+def _count_under(db: Path, prefix: str) -> int:
+    """Current keys under ``prefix``, read from the live daemon's SQLite file."""
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
+        row = con.execute(
+            "SELECT count(*) FROM objects WHERE bucket = ? AND key >= ? AND key < ?",
+            (BUCKET, prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)),
+        ).fetchone()
+    return int(row[0])
+
+
+def test_directory_rename_killed_midway_finishes_at_the_next_start(
+    mount_factory: MountFactory,
+) -> None:
+    daemon = mount_factory()
+    db = daemon.root / "cairn.db"
+    src, dst = daemon.mnt / "src", daemon.mnt / "dst"
+    files = {f"a/f{i:04d}": f"a {i}\n".encode() * (i % 7) for i in range(1200)}
+    files |= {f"b/c/g{i:04d}": os.urandom(100 + i) for i in range(300)}
+    files["top"] = b"top"
+    for name, data in files.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(data)
+    (src / "empty").mkdir()
+    total = len(files) + 4  # the markers of src/a, src/b, src/b/c and src/empty; src has none
+    assert _count_under(db, "src/") == total + 1  # + the marker of src itself
+
+    outcome: list[BaseException | None] = []
+
+    def rename() -> None:
+        try:
+            os.rename(src, dst)
+            outcome.append(None)
+        except OSError as exc:  # the mount went away under it
+            outcome.append(exc)
+
+    mover = threading.Thread(target=rename)
+    mover.start()
+    deadline = time.monotonic() + 60
+    while _count_under(db, "dst/") < 100:
+        assert time.monotonic() < deadline and mover.is_alive(), "the rename did not start"
+        time.sleep(0.01)
+    daemon.kill()  # SIGKILL, mid-rename
+    mover.join(30)
+    assert outcome and outcome[0] is not None, "the rename finished before the kill"
+    left, moved = _count_under(db, "src/"), _count_under(db, "dst/")
+    assert left > 0 and moved > 0, (left, moved)  # really cut in the middle
+    journals = list((daemon.root / "cairn-spool").glob("*.rename"))
+    assert len(journals) == 1
+
+    daemon.start()
+    daemon.wait_for_log("rename recovery")
+    assert not journals[0].exists()
+    assert not src.exists()
+    for name, data in files.items():
+        assert (dst / name).read_bytes() == data, name
+    assert (dst / "empty").is_dir() and not os.listdir(dst / "empty")
+    assert _count_under(db, "src/") == 0
+    pages = daemon.client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="dst/")
+    assert sum(page["KeyCount"] for page in pages) == total + 1  # through S3 too
+    print(f"killed with {left} keys left to move, {moved} moved; finished at the next start")
