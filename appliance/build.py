@@ -441,4 +441,5 @@ def make_file_service(pool: Pool) -> FileService:
         chunk_size=pool.config.pool.chunk_size,
         spool_dir=pool.config.mount.spool_dir,
         replicas=pool.config.pool.replication_factor,
+        dir_ttl=min(1.0, pool.config.mount.attr_timeout, pool.config.mount.entry_timeout),
     )

@@ -25,6 +25,10 @@ Contracts:
   was read recently (a second piece of one chunk means the client reads it piecewise,
   e.g. FUSE), in which case the whole chunk is fetched and kept. See docs/cache.md.
 - Returned buffers are immutable (``bytes``) whenever they come from the cache.
+- A chunk of at most ``admit_written`` bytes (default 256 KiB: small objects, the tail of
+  a large one) is also kept when it is written, from the bytes handed to the layer below
+  (copied first): reading back a small file just closed or put needs no backend. Larger
+  written chunks are not copied (a large PUT pays nothing).
 """
 
 from __future__ import annotations
@@ -36,12 +40,15 @@ from dataclasses import dataclass
 from cachetools import Cache, LRUCache, TTLCache
 
 from appliance.cache.singleflight import SingleFlight
+from appliance.data.blobformat import ChunkHeader
+from appliance.data.chunkstore import WrittenChunk
 from appliance.data.storage import ChunkStorage, ChunkStorageWrapper
 from appliance.meta.models import Chunk, Location
 
 RECENT_READS = 4096
 """How many chunk ids the memory of recent reads not kept holds (ids only, ~0.5 MiB)."""
 MIN_ADMIT_AT_ONCE = 1024 * 1024
+ADMIT_WRITTEN = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +104,7 @@ class CachingChunkStore(ChunkStorageWrapper[ChunkStorage]):
         max_object_size: int,
         ttl: float = 0.0,
         admit_at_once: int | None = None,
+        admit_written: int = ADMIT_WRITTEN,
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_size <= 0:
@@ -109,6 +117,7 @@ class CachingChunkStore(ChunkStorageWrapper[ChunkStorage]):
         self.admit_at_once = (
             max(MIN_ADMIT_AT_ONCE, max_size // 64) if admit_at_once is None else admit_at_once
         )
+        self.admit_written = min(admit_written, self.admit_at_once, self.max_object_size)
         self._entries: _CountingLRU | _CountingTTL
         if ttl > 0:
             self._entries = _CountingTTL(max_size, ttl, timer=timer, getsizeof=len)
@@ -161,7 +170,24 @@ class CachingChunkStore(ChunkStorageWrapper[ChunkStorage]):
         if isinstance(self._entries, TTLCache):
             self._entries.expire()
 
-    # -- ChunkStorage: writes pass through (ChunkStorageWrapper); reads -------------
+    # -- ChunkStorage: writes pass through (small chunks are kept); reads ------------
+    async def write_chunk(
+        self,
+        header: ChunkHeader,
+        payload: bytes | bytearray | memoryview,
+        blob_key: str,
+        *,
+        bucket: str | None = None,
+    ) -> WrittenChunk:
+        """Written by the layer below; kept as well when at most ``admit_written``
+        bytes. Nothing is kept when the write raises."""
+        keep = bytes(payload) if 0 < header.size == len(payload) <= self.admit_written else None
+        written = await self.inner.write_chunk(header, payload, blob_key, bucket=bucket)
+        if keep is not None:
+            self._recent.pop(header.chunk_id, None)
+            self._entries[header.chunk_id] = keep
+        return written
+
     async def read(
         self, chunk: Chunk, locations: Sequence[Location], start: int, end: int
     ) -> bytes | bytearray:

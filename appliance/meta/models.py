@@ -254,6 +254,29 @@ class ListPage:
 
 
 @dataclass(frozen=True, slots=True)
+class DirRow:
+    """One name of a directory listing (``MetadataStore.list_directory``).
+
+    ``key`` is an object's key, or a common prefix (ending with the delimiter) with
+    ``is_prefix``. ``version`` is the object's current version; for a common prefix, the
+    current version of the key equal to the prefix (a directory marker), or None.
+    """
+
+    key: str
+    is_prefix: bool
+    version: ObjectVersion | None
+
+
+@dataclass(frozen=True, slots=True)
+class DirListing:
+    """One page of ``list_directory``; ``next_marker`` resumes after the last row."""
+
+    rows: tuple[DirRow, ...]
+    truncated: bool
+    next_marker: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class CommitResult:
     """Outcome of a commit: whether this version is now current, and what it replaced."""
 

@@ -38,6 +38,8 @@ from appliance.meta.models import (
     ChunkReplicas,
     CommitResult,
     Credential,
+    DirListing,
+    DirRow,
     KeyUpdate,
     ListEntry,
     ListPage,
@@ -892,6 +894,55 @@ class SqlMetadataStore(abc.ABC):
                         continue
                     prefixes.append(common)
                     last_marker = common
+                    after = common + _MAX_CODE_POINT
+                    break
+
+        return await self._run(work)
+
+    async def list_directory(
+        self,
+        bucket: str,
+        *,
+        prefix: str,
+        delimiter: str = "/",
+        start_after: str | None = None,
+        limit: int = 1000,
+    ) -> DirListing:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        if not delimiter:
+            raise ValueError("a directory listing needs a delimiter")
+
+        async def work(tx: Tx) -> DirListing:
+            rows: list[DirRow] = []
+            after = start_after if start_after and start_after > prefix else None
+            if after is not None and _common_prefix(after, prefix, delimiter) == after:
+                after += _MAX_CODE_POINT  # resume past a common prefix given earlier
+            while True:
+                bound, arg = ("o.key > $2", after) if after is not None else ("o.key >= $2", prefix)
+                found = await tx.fetch(
+                    "SELECT v.* FROM objects o JOIN versions v ON v.version_id = o.version_id "
+                    f"WHERE o.bucket = $1 AND {bound} ORDER BY o.key LIMIT $3",
+                    bucket,
+                    arg,
+                    _LIST_BATCH,
+                )
+                if not found:
+                    return DirListing(tuple(rows), False, None)
+                for row in found:
+                    key = row["key"]
+                    if not key.startswith(prefix):
+                        return DirListing(tuple(rows), False, None)
+                    if len(rows) == limit:
+                        return DirListing(tuple(rows), True, rows[-1].key)
+                    common = _common_prefix(key, prefix, delimiter)
+                    if common is None:
+                        rows.append(DirRow(key, False, _version(row)))
+                        after = key
+                        continue
+                    # the first key under a common prefix is its marker, if it has one
+                    marker = _version(row) if key == common else None
+                    rows.append(DirRow(common, True, marker))
                     after = common + _MAX_CODE_POINT
                     break
 

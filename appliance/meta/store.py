@@ -31,6 +31,7 @@ from appliance.meta.models import (
     ChunkReplicas,
     CommitResult,
     Credential,
+    DirListing,
     KeyUpdate,
     ListPage,
     Location,
@@ -234,6 +235,22 @@ class MetadataStore(Protocol):
         ``start_after`` may be a key or a common prefix returned earlier; a common
         prefix is skipped whole.
         """
+        ...
+
+    async def list_directory(
+        self,
+        bucket: str,
+        *,
+        prefix: str,
+        delimiter: str = "/",
+        start_after: str | None = None,
+        limit: int = 1000,
+    ) -> DirListing:
+        """Like ``list_objects`` with a delimiter, but each row carries the current
+        version (attributes and user metadata), and each common prefix the version of
+        its marker key (the key equal to the prefix) if there is one: a directory page
+        with everything ``readdir`` shows, in one query per page (a few more when it
+        skips common prefixes). ``next_marker`` is the last row's key."""
         ...
 
     async def list_stale_versions(self, older_than: datetime, limit: int = 100) -> list[str]:

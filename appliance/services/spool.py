@@ -29,6 +29,12 @@ from typing import Any
 JOURNAL_VERSION = 1
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 @dataclass(frozen=True, slots=True)
 class Segment:
     """Bytes ``[start, end)`` of the file, from the base version or from the spool."""
@@ -94,8 +100,14 @@ class Spool:
         )
         spool._fd = os.open(spool.data_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(spool._fd, base_size)
-            spool.save()
+            if base_size:
+                os.ftruncate(spool._fd, base_size)
+            # a new journal needs no temporary file: none existed before this write
+            fd = os.open(spool.journal_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                _write_all(fd, spool._journal_doc())
+            finally:
+                os.close(fd)
         except BaseException:
             spool.remove()
             raise
@@ -125,8 +137,7 @@ class Spool:
         spool.base_size = min(spool.base_size, spool.size)
         return spool
 
-    def save(self) -> None:
-        """Write the journal atomically (temporary file, then rename)."""
+    def _journal_doc(self) -> bytes:
         doc = {
             "journal": JOURNAL_VERSION,
             "bucket": self.bucket,
@@ -138,8 +149,12 @@ class Spool:
             "meta": self.meta,
             "headers": self.headers,
         }
+        return json.dumps(doc, sort_keys=True).encode("utf-8")
+
+    def save(self) -> None:
+        """Write the journal atomically (temporary file, then rename)."""
         tmp = self.journal_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, sort_keys=True), encoding="utf-8")
+        tmp.write_bytes(self._journal_doc())
         os.replace(tmp, self.journal_path)
 
     def close(self) -> None:
@@ -165,7 +180,7 @@ class Spool:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = -1
-        for path in (self.data_path, self.journal_path):
+        for path in (self.journal_path, self.data_path):  # no journal, no recovery
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 

@@ -743,6 +743,42 @@ async def test_listing_resumes_after_a_key_inside_a_prefix(pool: SqlMetadataStor
     assert (page.common_prefixes, [e.key for e in page.entries]) == ((), ["b"])
 
 
+async def test_directory_listing_carries_versions_and_markers(pool: SqlMetadataStore) -> None:
+    keys = ["d/", "d/a", "d/b/", "d/b/x", "d/c/y", "d/c/z", "d/e", "d/é", "d/f/", "dz", "d"]
+    vids = {}
+    for n, key in enumerate(keys):
+        vids[key] = await put_object(pool, "bk", key, [f"l{n}"])
+    page = await pool.list_directory("bk", prefix="d/")
+    assert not page.truncated and page.next_marker is None
+    got = [(r.key, r.is_prefix, r.version.version_id if r.version else None) for r in page.rows]
+    assert got == [
+        ("d/", False, vids["d/"]),
+        ("d/a", False, vids["d/a"]),
+        ("d/b/", True, vids["d/b/"]),  # a marker
+        ("d/c/", True, None),  # keys under it, no marker
+        ("d/e", False, vids["d/e"]),
+        ("d/f/", True, vids["d/f/"]),  # an empty directory
+        ("d/é", False, vids["d/é"]),
+    ]
+    first = page.rows[1].version
+    assert first is not None and first.size == 100 and first.key == "d/a"
+    # paged by 2, resuming after files and after common prefixes
+    seen: list[str] = []
+    marker = None
+    while True:
+        part = await pool.list_directory("bk", prefix="d/", start_after=marker, limit=2)
+        assert len(part.rows) <= 2
+        seen += [r.key for r in part.rows]
+        if not part.truncated:
+            break
+        marker = part.next_marker
+    assert seen == [g[0] for g in got]
+    empty = await pool.list_directory("bk", prefix="nothing/")
+    assert (empty.rows, empty.truncated) == ((), False)
+    with pytest.raises(ValueError, match="limit"):
+        await pool.list_directory("bk", prefix="d/", limit=0)
+
+
 # -- locks and failures ---------------------------------------------------------------
 
 

@@ -72,8 +72,21 @@ async def body(data: bytes, piece: int = 10_000) -> AsyncIterator[bytes]:
         yield data[i : i + piece]
 
 
-async def put(pool: Pool, key: str, data: bytes) -> None:
+async def put(pool: Pool, key: str, data: bytes, *, cold: bool = True) -> None:
+    """Put an object; with ``cold`` (these tests are about reads) the memory cache is
+    emptied afterwards, dropping the small chunks it keeps as they are written."""
     await pool.objects.put_object("bkt", key, body(data), size=len(data))
+    if cold and pool.cache is not None:
+        pool.cache.clear()
+
+
+async def test_small_chunks_written_are_read_back_without_a_backend(counted: Counted) -> None:
+    pool = counted.pool
+    small = os.urandom(10 * KiB)
+    await put(pool, "small", small, cold=False)
+    assert await read_all(pool, "small") == small
+    assert counted.gets == 0
+    assert pool.cache is not None and pool.cache.stats().hits == 1
 
 
 async def read_all(pool: Pool, key: str, start: int = 0, end: int | None = None) -> bytes:

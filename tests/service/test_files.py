@@ -21,6 +21,7 @@ from appliance.errors import (
     PathExists,
 )
 from appliance.services.files import AttrChanges, FileService
+from appliance.services.renames import RenameJournal
 from tests.service.test_objects import CHUNK, body, make_pool, read_all
 
 pytestmark = pytest.mark.service
@@ -273,3 +274,28 @@ async def test_recovery_sets_aside_when_the_key_changed(pool: Pool, files: FileS
     assert report[0].committed_as.startswith("k.cairn-recovered-")
     assert await read_all(pool, "k") == b"theirs"
     assert await read_all(pool, report[0].committed_as) == b"mine"
+
+
+async def test_recovery_finishes_a_directory_rename_cut_short(
+    pool: Pool, files: FileService, tmp_path: Path
+) -> None:
+    for directory in ("src", "src/sub", "src/empty"):
+        await files.mkdir(BUCKET, directory, 0o700, 5, 5)
+    for i in range(30):
+        await write_file(files, f"src/sub/f{i:02d}", f"file {i}".encode())
+    spool_dir = tmp_path / "cairn-spool"
+    # what a process that died after moving ten keys leaves: its journal, a split tree
+    RenameJournal.create(spool_dir, "0001", BUCKET, "src/", BUCKET, "dst/")
+    listed = await pool.store.list_objects(BUCKET, prefix="src/")
+    for entry in listed.entries[:10]:
+        await files._move_key(BUCKET, entry.key, BUCKET, "dst/" + entry.key[len("src/") :])
+    (spool_dir / "0002.rename").write_text("not json")
+    report = await make_file_service(pool).recover()
+    done = [r for r in report if r.committed_as == "dst/"]
+    assert len(done) == 1 and "moved" in done[0].detail
+    assert [r.committed_as for r in report if r not in done] == [None]  # the unreadable one
+    assert (await pool.store.list_objects(BUCKET, prefix="src/")).entries == ()
+    for i in range(30):
+        assert await read_all(pool, f"dst/sub/f{i:02d}") == f"file {i}".encode()
+    assert (await files.stat(BUCKET, "dst/empty")).mode == stat.S_IFDIR | 0o700
+    assert [p.name for p in spool_dir.iterdir()] == ["0002.rename"]  # kept, reported

@@ -24,7 +24,7 @@ from appliance.cache.singleflight import SingleFlight
 from appliance.data.blobformat import ChunkHeader, Manifest
 from appliance.data.chunkstore import WrittenChunk
 from appliance.errors import BackendsUnavailable
-from appliance.meta.models import Chunk, Location
+from appliance.meta.models import Chunk, Location, NewChunk
 
 pytestmark = pytest.mark.unit
 KiB = 1024
@@ -71,9 +71,23 @@ class ChunkSource:
         return bytearray(self.data[chunk.chunk_id][start:end])
 
     async def write_chunk(
-        self, header: ChunkHeader, payload: bytes | bytearray | memoryview, blob_key: str
+        self,
+        header: ChunkHeader,
+        payload: bytes | bytearray | memoryview,
+        blob_key: str,
+        *,
+        bucket: str | None = None,
     ) -> WrittenChunk:
-        raise NotImplementedError
+        """Stores the bytes (as a backend would), then scribbles on the caller's buffer
+        when it is writable (as an in-place encrypting layer could)."""
+        if self.fail_next:
+            self.fail_next -= 1
+            raise BackendsUnavailable(f"chunk {header.chunk_id}: injected")
+        self.data[header.chunk_id] = bytes(payload)
+        if isinstance(payload, bytearray):
+            payload[:] = bytes(len(payload))
+        chunk = NewChunk(header.chunk_id, header.size, header.sha256, header.size + 100)
+        return WrittenChunk(chunk, ())
 
     async def write_manifest(
         self, manifest: Manifest, blob_key: str, chunk_id: str
@@ -116,6 +130,29 @@ async def test_second_read_is_a_hit_and_counters_say_so() -> None:
     assert await cache.read(chunk, [], 100, 2000) == source.data["c1"][100:2000]
     assert len(source.reads) == 1
     assert cache.hits == 2
+
+
+async def test_small_written_chunks_are_kept_and_large_ones_not_copied() -> None:
+    source = ChunkSource()
+    cache = cache_over(source, admit_written=64 * KiB)
+
+    async def write(chunk_id: str, data: bytes) -> Chunk:
+        header = ChunkHeader(chunk_id, "v1", 0, len(data), hashlib.sha256(data).digest())
+        await cache.write_chunk(header, bytearray(data), f"blobs/{chunk_id}")
+        return make_chunk(chunk_id, data)
+
+    small_data, large_data = os.urandom(16 * KiB), os.urandom(100 * KiB)
+    small = await write("small", small_data)
+    large = await write("large", large_data)
+    assert "small" in cache and "large" not in cache
+    assert await cache.read(small, [], 0, small.size) == small_data  # not the scribbles
+    assert source.reads == [] and cache.hits == 1
+    assert await cache.read(large, [], 0, large.size) == large_data
+    assert len(source.reads) == 1
+    source.fail_next = 1  # a failed write keeps nothing
+    with pytest.raises(BackendsUnavailable):
+        await write("failed", small_data)
+    assert "failed" not in cache
 
 
 async def test_chunks_larger_than_max_object_size_go_straight_through() -> None:
