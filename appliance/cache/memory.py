@@ -41,6 +41,7 @@ from cachetools import Cache, LRUCache, TTLCache
 
 from appliance.cache.singleflight import SingleFlight
 from appliance.data.blobformat import ChunkHeader
+from appliance.data.buffers import ChunkPayload, payload_view
 from appliance.data.chunkstore import WrittenChunk
 from appliance.data.storage import ChunkStorage, ChunkStorageWrapper
 from appliance.meta.models import Chunk, Location
@@ -174,14 +175,15 @@ class CachingChunkStore(ChunkStorageWrapper[ChunkStorage]):
     async def write_chunk(
         self,
         header: ChunkHeader,
-        payload: bytes | bytearray | memoryview,
+        payload: ChunkPayload,
         blob_key: str,
         *,
         bucket: str | None = None,
     ) -> WrittenChunk:
         """Written by the layer below; kept as well when at most ``admit_written``
         bytes. Nothing is kept when the write raises."""
-        keep = bytes(payload) if 0 < header.size == len(payload) <= self.admit_written else None
+        small = 0 < header.size == len(payload) <= self.admit_written
+        keep = bytes(payload_view(payload)) if small else None
         written = await self.inner.write_chunk(header, payload, blob_key, bucket=bucket)
         if keep is not None:
             self._recent.pop(header.chunk_id, None)
