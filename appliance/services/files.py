@@ -517,7 +517,7 @@ class FileService:
         node = self._open.get((bucket, path))
         if node is not None:
             self._forget_node(node)
-        await self._store.delete_object(bucket, path)
+        await self._objects.remove(bucket, path)
 
     def _forget_node(self, node: OpenFile) -> None:
         """Detach an open file from its path (unlinked or replaced by a rename): its
@@ -539,7 +539,7 @@ class FileService:
         if any(e.key != prefix for e in page.entries) or self.pending_names(bucket, path):
             raise DirectoryNotEmpty(path)
         self._dir_changed(bucket, path)
-        await self._store.delete_object(bucket, prefix)
+        await self._objects.remove(bucket, prefix)
 
     async def rename(
         self,
@@ -607,7 +607,7 @@ class FileService:
                 node.spool.save()
             if not node.committed:
                 if target is not None:
-                    await self._store.delete_object(dst_bucket, dst)
+                    await self._objects.remove(dst_bucket, dst)
                 return
         await self._move_key(bucket, src, dst_bucket, dst)
 
@@ -622,7 +622,7 @@ class FileService:
         meta.update(encode(attr.with_changes(ctime_ns=self._clock()), xattrs(meta)))
         await self._objects.copy_object(handle, dst_bucket, dst, user_metadata=meta)
         self._absent.pop((dst_bucket, dst.rstrip(SEP)), None)
-        await self._store.delete_object(bucket, src)
+        await self._objects.remove(bucket, src)
         node = self._open.get((dst_bucket, dst))
         if node is not None:
             node.base = await self._objects.open_object(dst_bucket, dst)
