@@ -539,10 +539,34 @@ class ObjectService:
                 )
             except meta_errors.PreconditionFailed as exc:
                 raise PreconditionFailed(str(exc)) from exc
+        except (BadDigest, PreconditionFailed):
+            await self.withdraw(version.version_id)
+            raise
         except BaseException:
             await self.abort(version.version_id)
             raise
         return result
+
+    async def withdraw(self, version_id: str) -> None:
+        """Abort a version that definitely failed after its chunk 0 was written (bad
+        Content-MD5, a precondition) and delete chunk 0's blobs at once, not after the GC
+        delay: a version whose chunk 0 is present is complete for reads from blobs
+        (docs/replication.md). Never raises (what is left goes the usual way, by GC)."""
+        try:
+            layout = await self._store.get_layout(version_id)
+        except MetaError:
+            layout = []
+        await self.abort(version_id)
+        for placement in layout:
+            if placement.ref.seq != 0:
+                continue
+            chunk_id = placement.chunk.chunk_id
+            try:
+                for location in await self._store.claim_garbage(chunk_id) or []:
+                    if await self.chunks.delete_blob(location.backend, location.blob_key):
+                        await self._store.forget_location(chunk_id, location.backend)
+            except MetaError as exc:
+                log.warning("could not remove chunk 0 of version %s now: %s", version_id, exc)
 
     async def copy_object(
         self,

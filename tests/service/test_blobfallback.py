@@ -22,8 +22,9 @@ import pytest
 
 from appliance.build import Pool, open_pool
 from appliance.config import parse_config
-from appliance.errors import MetadataUnavailable, NoSuchKey
+from appliance.errors import BadDigest, MetadataUnavailable, NoSuchKey, PreconditionFailed
 from appliance.meta.errors import StoreUnavailable
+from appliance.meta.models import WritePrecondition
 from appliance.services.multipart import MultipartService
 from backends.base import Backend
 from backends.errors import TransientBackendError
@@ -110,6 +111,15 @@ async def write_everything(pool: Pool) -> dict[tuple[str, str], bytes]:
     source = await pool.objects.open_object("plain", "big")
     await pool.objects.copy_object(source, "secret", "copy-of-big")  # into an encrypted bucket
     seen[("secret", "copy-of-big")] = big
+    # definite failures after chunk 0 was written: never served from blobs
+    with pytest.raises(BadDigest):
+        await put(pool, "plain", "bad-md5", b"body", content_md5=b"\0" * 16)
+    await put(pool, "plain", "guarded", b"kept version")
+    with pytest.raises(PreconditionFailed):
+        await put(
+            pool, "plain", "guarded", b"refused", precondition=WritePrecondition(if_match="0")
+        )
+    seen[("plain", "guarded")] = b"kept version"
     await put(pool, "plain", "over", b"first version")
     await put(pool, "plain", "over", b"second version")
     seen[("plain", "over")] = b"second version"
@@ -153,6 +163,7 @@ async def check_down(pool: Pool, seen: dict[tuple[str, str], bytes]) -> None:
         ("plain", "gone-many-2"),
         ("plain", "gone-after-copy"),
         ("plain", "never-written"),
+        ("plain", "bad-md5"),
         ("secret", "never-written"),
     ]:
         with pytest.raises(NoSuchKey):
