@@ -47,7 +47,7 @@ from appliance.errors import (
     PathExists,
 )
 from appliance.ids import new_sortable_id
-from appliance.meta.errors import Conflict
+from appliance.meta.errors import Conflict, StoreUnavailable
 from appliance.meta.models import ChunkPlacement, ChunkRef, ObjectVersion, VersionKind
 from appliance.meta.store import MetadataStore
 from appliance.placement.pool import PoolState
@@ -326,7 +326,10 @@ class FileService:
         node = self._open.get((bucket, path))
         if node is not None and not node.unlinked:
             return node.attr
-        version = await self._store.get_current(bucket, path)
+        try:
+            version = await self._store.get_current(bucket, path)
+        except StoreUnavailable:
+            return await self._stat_from_blobs(bucket, path)
         if version is not None:
             return self._file_attr(version)
         # one listing answers "marker or children?"; the marker sorts first
@@ -341,6 +344,14 @@ class FileService:
             return self._implicit_dir(self._clock())
         self._absent[(bucket, path)] = True
         raise NoSuchPath(path)
+
+    async def _stat_from_blobs(self, bucket: str, path: str) -> FileAttr:
+        """A file's attributes from its blobs while the store is unreachable; anything
+        else (a directory needs a listing) raises ``StoreUnavailable``."""
+        try:
+            return self._file_attr(await self._objects.head_object(bucket, path))
+        except (NoSuchKey, NoSuchBucket):
+            raise StoreUnavailable(f"{path}: not a file, and listings need the store") from None
 
     async def _require_dir(self, bucket: str, path: str) -> FileAttr:
         """The attributes of directory ``path``; a directory seen in the last second is

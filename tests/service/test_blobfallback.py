@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from appliance.build import Pool, open_pool
+from appliance.build import Pool, make_file_service, open_pool
 from appliance.config import parse_config
 from appliance.errors import BadDigest, MetadataUnavailable, NoSuchKey, PreconditionFailed
 from appliance.meta.errors import StoreUnavailable
@@ -171,6 +171,16 @@ async def check_down(pool: Pool, seen: dict[tuple[str, str], bytes]) -> None:
         with pytest.raises(NoSuchKey):
             await pool.objects.head_object(bucket, key)
     assert pool.objects.fallback is not None and pool.objects.fallback.served >= len(seen)
+    # the FUSE side: a file never looked up is found and read from its blobs
+    files = make_file_service(pool)
+    files.prepare()
+    attr = await files.stat("plain", "big")
+    assert (attr.size, attr.is_dir) == (len(big), False)
+    node = await files.open("secret", "enc")
+    assert await files.read(node, CHUNK - 3, 10) == enc[CHUNK - 3 : CHUNK + 7]
+    await files.release(node)
+    with pytest.raises(StoreUnavailable):  # maybe a directory: only the store knows
+        await files.stat("plain", "gone")
     with pytest.raises(DOWN):
         await put(pool, "plain", "new", b"x")
     with pytest.raises(DOWN):
