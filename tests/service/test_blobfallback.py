@@ -324,3 +324,39 @@ async def test_an_unlisted_backend_may_hold_the_newest_version(
         finally:
             with contextlib.suppress(Exception):
                 await pool.close()
+
+
+async def test_a_full_pool_still_takes_deletes(tmp_path: Path) -> None:
+    """A tombstone is written over quota when no backend has room: deleting is how a
+    full pool gets space back."""
+
+    def cfg(quota: int | None) -> Any:
+        backend: dict[str, Any] = {"name": "d0", "type": "local", "path": "d0"}
+        if quota is not None:
+            backend["quota_bytes"] = quota
+        raw = {
+            "database": {"sqlite": {"path": "cairn.db"}},
+            "pool": {"gc_delay_seconds": 0},
+            "backends": [backend],
+            "buckets": [{"name": "plain"}],
+        }
+        return parse_config(raw, env={}, base_dir=tmp_path)
+
+    pool = await open_pool(cfg(None))
+    try:
+        await put(pool, "plain", "k", b"x" * 1000)
+        [space] = await pool.store.get_space()
+        full = space.used_bytes
+    finally:
+        await pool.close()
+    pool = await open_pool(cfg(full))  # not one byte left
+    try:
+        await pool.objects.delete_object("plain", "k")
+        [space] = await pool.store.get_space()
+        assert space.used_bytes > full  # the tombstone, over quota, accounted
+        [tomb] = await pool.store.list_tombstones()
+        assert tomb.key == "k"
+        report = await pool.admin.fsck()
+        assert report.problems == 0, report
+    finally:
+        await pool.close()
