@@ -94,10 +94,7 @@ class Tombstones:
             }
             if not existing:
                 return []
-            written = await _bounded(
-                [functools.partial(self._write, bucket, k, v) for k, v in existing.items()],
-                self._concurrency,
-            )
+            written = await self._write_all(bucket, existing)
             tombs = dict(zip(existing, written, strict=True))
             try:
                 if len(keys) == 1:
@@ -120,6 +117,25 @@ class Tombstones:
             await self._undo([t for k, t in tombs.items() if k not in deleted])
             return deleted
         raise AssertionError("unreachable")
+
+    async def _write_all(self, bucket: str, after: dict[str, str]) -> list[NewTombstone]:
+        """A tombstone for each key (newer than its version in ``after``); when one
+        cannot be written, the others are removed again and the error raised."""
+        slots = asyncio.Semaphore(self._concurrency)
+
+        async def one(key: str, version_id: str) -> NewTombstone:
+            async with slots:
+                return await self._write(bucket, key, version_id)
+
+        results = await asyncio.gather(
+            *(one(k, v) for k, v in after.items()), return_exceptions=True
+        )
+        written = [r for r in results if isinstance(r, NewTombstone)]
+        for result in results:
+            if isinstance(result, BaseException):
+                await self._undo(written)
+                raise result
+        return written
 
     async def _write(self, bucket: str, key: str, after: str) -> NewTombstone:
         """Put a tombstone newer than version ``after`` on the bucket's write quorum."""

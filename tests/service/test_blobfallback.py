@@ -22,7 +22,13 @@ import pytest
 
 from appliance.build import Pool, make_file_service, open_pool
 from appliance.config import parse_config
-from appliance.errors import BadDigest, MetadataUnavailable, NoSuchKey, PreconditionFailed
+from appliance.errors import (
+    BackendsUnavailable,
+    BadDigest,
+    MetadataUnavailable,
+    NoSuchKey,
+    PreconditionFailed,
+)
 from appliance.meta.errors import StoreUnavailable
 from appliance.meta.models import WritePrecondition
 from appliance.services.multipart import MultipartService
@@ -356,6 +362,40 @@ async def test_a_full_pool_still_takes_deletes(tmp_path: Path) -> None:
         assert space.used_bytes > full  # the tombstone, over quota, accounted
         [tomb] = await pool.store.list_tombstones()
         assert tomb.key == "k"
+        report = await pool.admin.fsck()
+        assert report.problems == 0, report
+    finally:
+        await pool.close()
+
+
+async def test_a_delete_that_cannot_write_every_tombstone_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    faulty: dict[str, FaultyBackend] = {}
+
+    def wrap(backend: Backend) -> Backend:
+        faulty[backend.name] = FaultyBackend(backend)
+        return faulty[backend.name]
+
+    raw = {
+        "database": {"sqlite": {"path": "cairn.db"}},
+        "pool": {"gc_delay_seconds": 0},
+        "backends": [{"name": "d0", "type": "local", "path": "d0"}],
+        "buckets": [{"name": "plain"}],
+    }
+    pool = await open_pool(parse_config(raw, env={}, base_dir=tmp_path), wrap_backend=wrap)
+    try:
+        for key in ("a", "b", "c"):
+            await put(pool, "plain", key, key.encode())
+        faulty["d0"].fail_call("put", 2)  # the second tombstone cannot be written
+        with pytest.raises(BackendsUnavailable):
+            await pool.objects.delete_objects("plain", ["a", "b", "c"])
+        assert not list((tmp_path / "d0").rglob("tombstone"))  # the others were removed
+        for key in ("a", "b", "c"):
+            assert await read(pool, "plain", key) == key.encode()
+        assert await pool.store.list_tombstones() == []
+        await pool.objects.delete_objects("plain", ["a", "b", "c"])
+        assert len(list((tmp_path / "d0").rglob("tombstone"))) == 3
         report = await pool.admin.fsck()
         assert report.problems == 0, report
     finally:
