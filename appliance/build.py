@@ -53,6 +53,7 @@ from appliance.placement.router import BackendState, Placement, Router
 from appliance.placement.usage import Caps, UsageMeter
 from appliance.services.access import AccessService
 from appliance.services.admin import AdminService
+from appliance.services.blobfallback import BlobFallback
 from appliance.services.bucketconfig import BucketConfigService
 from appliance.services.files import FileService
 from appliance.services.fsck import Fsck
@@ -61,6 +62,7 @@ from appliance.services.multipart import MultipartService
 from appliance.services.objects import ObjectService
 from appliance.services.replication import ReplicationScanner, ReplicationWorker
 from appliance.services.sealing import SecretSealer
+from appliance.services.tombstones import Tombstones, TombstoneSweeper
 from appliance.services.workers import GcWorker, HealthChecker, Janitor
 from backends.base import Backend
 from backends.diskcache import DiskCache, DiskCacheBusy, DiskCachedBackend
@@ -187,6 +189,8 @@ class Pool:
     disk_cache: DiskCache | None = None
     """The disk cache under the backends (None unless ``cache.disk_dir`` is set)."""
     keyring: KeyRing | None = None
+    sweeper: TombstoneSweeper | None = None
+    """Retires tombstones of deleted keys that hide nothing any more."""
     _closed: bool = field(default=False, repr=False)
 
     async def close(self) -> None:
@@ -390,8 +394,15 @@ async def open_pool(
         )
         # the memory cache sits above decryption (it holds plaintext, keyed by chunk id)
         chunks = wrap_chunks(encrypting, config.cache)
+        fallback = BlobFallback(state, encrypting, replication)
         objects = ObjectService(
-            store, chunks, cpu, chunk_size=config.pool.chunk_size, buffers=buffers
+            store,
+            chunks,
+            cpu,
+            chunk_size=config.pool.chunk_size,
+            buffers=buffers,
+            fallback=fallback,
+            tombstones=Tombstones(store, chunks, encrypting.inner, state),
         )
         return Pool(
             config=config,
@@ -423,6 +434,9 @@ async def open_pool(
             keys=KeyService(store, encrypting, objects),
             encrypting=encrypting,
             keyring=keyring,
+            sweeper=TombstoneSweeper(
+                store, fallback, min_age=timedelta(seconds=config.pool.gc_delay_seconds)
+            ),
         )
     except BaseException:
         if keyring is not None:

@@ -148,6 +148,9 @@ def _start_workers(
             ("replication", pool.replication.run_once, 2.0),
             ("replication-scan", pool.scanner.run_once, pool.config.pool.replication.scan_interval),
         ]
+        if pool.sweeper is not None:
+            sweep = min(300.0, max(5.0, pool.config.pool.gc_delay_seconds / 4))
+            specs.append(("tombstones", pool.sweeper.run_once, sweep))
     return [
         asyncio.create_task(run_forever(name, step, interval=interval, stop=stop), name=name)
         for name, step, interval in specs

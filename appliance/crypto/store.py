@@ -77,6 +77,11 @@ class EncryptionPolicy:
         """True when some bucket (or the default) is encrypted."""
         return self._default or any(self._buckets.values())
 
+    @property
+    def secret(self) -> bytes:
+        """The HMAC key of hidden blob prefixes (whatever a bucket's setting is now)."""
+        return self._secret
+
     def prefix_secret(self, bucket: str) -> bytes | None:
         return self._secret if self.encrypts(bucket) else None
 

@@ -121,6 +121,16 @@ def manifest_blob_key(prefix: str, version_id: str) -> str:
     return f"{prefix}/{version_id}/manifest"
 
 
+def tombstone_blob_key(prefix: str, version_id: str) -> str:
+    """Blob key of the tombstone a delete writes under an object prefix."""
+    return f"{prefix}/{version_id}/{TOMBSTONE_NAME}"
+
+
+CHUNK0_NAME = "000000"
+MANIFEST_NAME = "manifest"
+TOMBSTONE_NAME = "tombstone"
+
+
 def _frame(flags: int, body: Mapping[str, Any]) -> bytes:
     encoded = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
     if len(encoded) > MAX_HEADER_BODY:
@@ -374,3 +384,27 @@ def manifest_from_body(body: Mapping[str, Any]) -> Manifest:
         if isinstance(exc, BlobFormatError):
             raise
         raise BlobFormatError(f"bad manifest: {exc}") from exc
+
+
+def encode_tombstone(version_id: str) -> bytes:
+    """A tombstone blob (format 1 framing, header only): the key was deleted at
+    ``version_id``. It names no bucket or key (the prefix does), so nothing is sealed."""
+    return _frame(0, {"kind": "tombstone", "version_id": version_id})
+
+
+def decode_tombstone(data: bytes) -> str:
+    """The version id of a tombstone blob; raises ``BlobFormatError``."""
+    _flags, body, _total = _unframe(data)
+    if body.get("kind") != "tombstone":
+        raise BlobFormatError(f"expected a tombstone blob, found {body.get('kind')!r}")
+    try:
+        return str(body["version_id"])
+    except KeyError as exc:
+        raise BlobFormatError("bad tombstone: no version id") from exc
+
+
+def blob_kind(data: bytes) -> str:
+    """The ``kind`` of a blob from its whole header (``chunk``, ``manifest``,
+    ``tombstone``); raises ``BlobFormatError``."""
+    _flags, body, _total = _unframe(data)
+    return str(body.get("kind"))

@@ -315,3 +315,25 @@ class KeyUpdate:
     old_key_id: str
     wrapped_dek: bytes
     key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewTombstone:
+    """A tombstone blob written for a delete (docs/FORMAT.md), to record with it: its
+    version id (newer than the version deleted), its chunk (size 0) and its replicas,
+    each with the reservation that paid for it."""
+
+    version_id: str
+    chunk: NewChunk
+    locations: tuple[tuple[Location, int | None], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Tombstone:
+    """The recorded tombstone of a deleted key (the newest delete of that key)."""
+
+    bucket: str
+    key: str
+    version_id: str
+    chunk_id: str
+    created_at: datetime

@@ -46,12 +46,14 @@ from appliance.meta.models import (
     Location,
     MultipartUpload,
     NewChunk,
+    NewTombstone,
     ObjectVersion,
     Part,
     Permission,
     QueueItem,
     QueueState,
     Reservation,
+    Tombstone,
     UsageCounters,
     UsageDelta,
     VersionKind,
@@ -632,6 +634,20 @@ class SqlMetadataStore(abc.ABC):
         """
         version_id = version["version_id"]
         bucket, key = version["bucket"], version["key"]
+        tomb = await tx.fetchrow(
+            "SELECT version_id, chunk_id FROM tombstones WHERE bucket = $1 AND key = $2"
+            f"{self.dialect.for_update}",
+            bucket,
+            key,
+        )
+        if tomb is not None and tomb["version_id"] > version_id:
+            # a newer delete of the key: this version loses, as to a newer version
+            if precondition is not None:
+                raise PreconditionFailed("a newer delete of this key happened meanwhile")
+            freed = await self._drop_version(tx, version_id)
+            return CommitResult(version_id, False, None, tuple(freed))
+        if tomb is not None:
+            await self._retire_tombstone(tx, tomb["version_id"], tomb["chunk_id"])
         if precondition is not None and precondition.if_match is not None:
             row = await tx.fetchrow(
                 f"SELECT etag FROM objects WHERE bucket = $1 AND key = $2{self.dialect.for_update}",
@@ -813,33 +829,125 @@ class SqlMetadataStore(abc.ABC):
 
         return await self._run(work)
 
-    async def delete_objects(self, bucket: str, keys: Sequence[str]) -> list[str]:
+    async def delete_objects(
+        self,
+        bucket: str,
+        keys: Sequence[str],
+        *,
+        tombstones: Mapping[str, NewTombstone] | None = None,
+    ) -> list[str]:
         async def work(tx: Tx) -> list[str]:
             deleted: list[str] = []
             for key in keys:
-                row = await tx.fetchrow(
-                    "DELETE FROM objects WHERE bucket = $1 AND key = $2 RETURNING version_id",
-                    bucket,
-                    key,
-                )
-                if row is not None:
-                    await self._drop_version(tx, row["version_id"])
+                tomb = tombstones.get(key) if tombstones else None
+                if await self._delete_current(tx, bucket, key, tomb) is not None:
                     deleted.append(key)
             return deleted
 
         return await self._run(work)
 
-    async def delete_object(self, bucket: str, key: str) -> str | None:
+    async def delete_object(
+        self, bucket: str, key: str, *, tombstone: NewTombstone | None = None
+    ) -> str | None:
         async def work(tx: Tx) -> str | None:
+            return await self._delete_current(tx, bucket, key, tombstone)
+
+        return await self._run(work)
+
+    async def _delete_current(
+        self, tx: Tx, bucket: str, key: str, tombstone: NewTombstone | None
+    ) -> str | None:
+        """Delete the key's current version (recording ``tombstone``); its id or None."""
+        row = await tx.fetchrow(
+            "DELETE FROM objects WHERE bucket = $1 AND key = $2 RETURNING version_id",
+            bucket,
+            key,
+        )
+        if row is None:
+            return None
+        version_id = str(row["version_id"])
+        if tombstone is not None:
+            if tombstone.version_id <= version_id:
+                raise Conflict(
+                    f"tombstone {tombstone.version_id} is not newer than version {version_id}"
+                )
+            await self._record_tombstone(tx, bucket, key, tombstone)
+        await self._drop_version(tx, version_id)
+        return version_id
+
+    async def _record_tombstone(
+        self, tx: Tx, bucket: str, key: str, tombstone: NewTombstone
+    ) -> None:
+        old = await tx.fetchrow(
+            f"SELECT version_id, chunk_id FROM tombstones WHERE bucket = $1 AND key = $2"
+            f"{self.dialect.for_update}",
+            bucket,
+            key,
+        )
+        if old is not None:
+            await self._retire_tombstone(tx, old["version_id"], old["chunk_id"])
+        chunk = tombstone.chunk
+        await tx.execute(
+            "INSERT INTO chunks (chunk_id, size, sha256, stored_size, wrapped_dek, key_id, "
+            "refcount, created_at) VALUES ($1, $2, $3, $4, $5, $6, 0, $7)",
+            chunk.chunk_id,
+            chunk.size,
+            chunk.sha256,
+            chunk.stored_size,
+            chunk.wrapped_dek,
+            chunk.key_id,
+            self._now(),
+        )
+        for location, reservation_id in tombstone.locations:
+            await self._insert_location(tx, location, reservation_id)
+        await tx.execute(
+            "INSERT INTO tombstones (bucket, key, version_id, chunk_id, created_at) "
+            "VALUES ($1, $2, $3, $4, $5)",
+            bucket,
+            key,
+            tombstone.version_id,
+            chunk.chunk_id,
+            self._now(),
+        )
+
+    async def _retire_tombstone(self, tx: Tx, version_id: str, chunk_id: str) -> None:
+        """Forget a tombstone row and queue its chunk for deletion at once."""
+        await tx.execute("DELETE FROM tombstones WHERE version_id = $1", version_id)
+        await self._enqueue(
+            tx, GC_QUEUE, {"chunk_id": chunk_id}, f"chunk:{chunk_id}", self._now(), 10
+        )
+
+    async def list_tombstones(self, *, after: str = "", limit: int = 100) -> list[Tombstone]:
+        async def work(tx: Tx) -> list[Tombstone]:
+            rows = await tx.fetch(
+                "SELECT bucket, key, version_id, chunk_id, created_at FROM tombstones "
+                "WHERE version_id > $1 ORDER BY version_id LIMIT $2",
+                after,
+                limit,
+            )
+            return [
+                Tombstone(
+                    r["bucket"],
+                    r["key"],
+                    r["version_id"],
+                    r["chunk_id"],
+                    from_micros(r["created_at"]),
+                )
+                for r in rows
+            ]
+
+        return await self._run(work)
+
+    async def drop_tombstone(self, version_id: str) -> bool:
+        async def work(tx: Tx) -> bool:
             row = await tx.fetchrow(
-                "DELETE FROM objects WHERE bucket = $1 AND key = $2 RETURNING version_id",
-                bucket,
-                key,
+                f"SELECT chunk_id FROM tombstones WHERE version_id = $1{self.dialect.for_update}",
+                version_id,
             )
             if row is None:
-                return None
-            await self._drop_version(tx, row["version_id"])
-            return str(row["version_id"])
+                return False
+            await self._retire_tombstone(tx, version_id, row["chunk_id"])
+            return True
 
         return await self._run(work)
 

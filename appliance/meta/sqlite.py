@@ -38,6 +38,9 @@ _UNAVAILABLE_HINTS = (
     "malformed",
 )
 
+_DAMAGE_HINTS = ("not a database", "malformed", "disk i/o")
+"""Errors after which the connection is replaced (its page cache may hold bad pages)."""
+
 
 class _SqliteTx:
     def __init__(self, conn: sqlite3.Connection, dialect: Dialect) -> None:
@@ -92,10 +95,24 @@ class SqliteMetadataStore(SqlMetadataStore):
         self._lock = asyncio.Lock()
         self._lock_fd: int | None = None
         self._held: set[str] = set()
+        self._damaged = False
 
     async def open(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._take_file_lock()
+        try:
+            self._conn = self._connect()
+        except StoreUnavailable:
+            self._drop_file_lock()
+            raise
+        try:
+            await self._run(self._migrate_from_disk)
+        except BaseException:
+            await self.close()
+            raise
+
+    def _connect(self) -> sqlite3.Connection:
+        """A configured connection; raises ``StoreUnavailable``."""
         conn: sqlite3.Connection | None = None
         try:
             conn = sqlite3.connect(str(self._path), isolation_level=None, check_same_thread=False)
@@ -110,14 +127,8 @@ class SqliteMetadataStore(SqlMetadataStore):
         except sqlite3.Error as exc:
             if conn is not None:
                 conn.close()
-            self._drop_file_lock()
             raise StoreUnavailable(f"cannot open SQLite database {self._path}: {exc}") from exc
-        self._conn = conn
-        try:
-            await self._run(self._migrate_from_disk)
-        except BaseException:
-            await self.close()
-            raise
+        return conn
 
     async def _migrate_from_disk(self, tx: Tx) -> None:
         exists = await tx.fetchrow(
@@ -159,15 +170,27 @@ class SqliteMetadataStore(SqlMetadataStore):
         if self._conn is None:
             raise StoreUnavailable("the SQLite store is not open")
         async with self._lock:
+            if self._damaged:
+                # the file was unreadable: a new connection drops pages cached from it
+                conn = self._connect()
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.close()
+                self._conn, self._damaged = conn, False
             conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
             try:
-                yield _SqliteTx(conn, self.dialect)
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error, ValueError):
-                    conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield _SqliteTx(conn, self.dialect)
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error, ValueError):
+                        conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.DatabaseError as exc:
+                text = str(exc).lower()
+                if any(hint in text for hint in _DAMAGE_HINTS):
+                    self._damaged = True
                 raise
-            conn.execute("COMMIT")
         # Statements never suspend: yield once per transaction so a caller looping over
         # store calls cannot starve the other tasks on the loop.
         await asyncio.sleep(0)

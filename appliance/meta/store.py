@@ -37,10 +37,12 @@ from appliance.meta.models import (
     Location,
     MultipartUpload,
     NewChunk,
+    NewTombstone,
     ObjectVersion,
     Part,
     QueueItem,
     Reservation,
+    Tombstone,
     UsageCounters,
     UsageDelta,
     VersionKind,
@@ -212,13 +214,41 @@ class MetadataStore(Protocol):
         """Every uploaded part's layout by part number (one query)."""
         ...
 
-    async def delete_objects(self, bucket: str, keys: Sequence[str]) -> list[str]:
+    async def delete_objects(
+        self,
+        bucket: str,
+        keys: Sequence[str],
+        *,
+        tombstones: Mapping[str, NewTombstone] | None = None,
+    ) -> list[str]:
         """Remove the current versions of ``keys`` in one transaction; return the keys
-        that existed (absent keys are no error)."""
+        that existed (absent keys are no error). ``tombstones`` by key are recorded as
+        ``delete_object`` records its tombstone (those of absent keys are not)."""
         ...
 
-    async def delete_object(self, bucket: str, key: str) -> str | None:
-        """Remove the current version of a key; return its id, or None if absent."""
+    async def delete_object(
+        self, bucket: str, key: str, *, tombstone: NewTombstone | None = None
+    ) -> str | None:
+        """Remove the current version of a key; return its id, or None if absent.
+
+        ``tombstone`` (its blobs already written under the key's prefix) is recorded in
+        the same transaction when a version was removed: it replaces the key's earlier
+        tombstone (whose chunk goes to the gc queue) and its locations' reservations
+        become usage. It must be newer than the version removed, else ``Conflict`` and
+        nothing changes. When the key was absent nothing is recorded: the caller removes
+        the tombstone's blobs. Until a newer version of the key commits, a commit of an
+        older one loses to the tombstone (as to a newer version).
+        """
+        ...
+
+    async def list_tombstones(self, *, after: str = "", limit: int = 100) -> list[Tombstone]:
+        """Recorded tombstones with a version id greater than ``after``, in version id
+        order (a resumable scan for the tombstone sweeper)."""
+        ...
+
+    async def drop_tombstone(self, version_id: str) -> bool:
+        """Forget a tombstone no longer needed and queue its chunk for deletion (at once,
+        not after the GC delay); False when it was already gone. Idempotent."""
         ...
 
     async def list_objects(

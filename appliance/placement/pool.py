@@ -14,6 +14,8 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+from appliance.meta.errors import StoreUnavailable
+from appliance.meta.models import BackendSpace
 from appliance.meta.store import MetadataStore
 from appliance.placement.health import CLOSED, Breakers, counts_as_failure
 from appliance.placement.router import BackendState, BackendView, PoolView, Router
@@ -174,7 +176,19 @@ class PoolState:
         now = self._monotonic()
         if self._view is not None and now - self._view_at < self._max_age:
             return PoolView(tuple(self._with_caps(b) for b in self._view.backends))
-        space = {s.name: s for s in await self.store.get_space()}
+        try:
+            space = {s.name: s for s in await self.store.get_space()}
+        except StoreUnavailable:
+            # reads go on while the store is down: the last ledger seen, else none
+            # (writes fail at their reservation anyway)
+            if self._view is not None:
+                return PoolView(tuple(self._with_caps(b) for b in self._view.backends))
+            return self._build({})
+        self._view = self._build(space)
+        self._view_at = now
+        return self._view
+
+    def _build(self, space: Mapping[str, BackendSpace]) -> PoolView:
         views = []
         for order, name in enumerate(self._order):
             ledger = space.get(name)
@@ -195,6 +209,4 @@ class PoolState:
                     latency=self._latency[name].typical(),
                 )
             )
-        self._view = PoolView(tuple(views))
-        self._view_at = now
-        return self._view
+        return PoolView(tuple(views))

@@ -13,7 +13,15 @@ from pathlib import Path
 
 from cachetools import TTLCache
 
-from appliance.errors import NoCapacity, NoSuchPath, NotADirectory, PathExists
+from appliance.errors import (
+    NoCapacity,
+    NoSuchBucket,
+    NoSuchKey,
+    NoSuchPath,
+    NotADirectory,
+    PathExists,
+)
+from appliance.meta.errors import StoreUnavailable
 from appliance.meta.models import ObjectVersion
 from appliance.meta.store import MetadataStore
 from appliance.placement.pool import PoolState
@@ -103,7 +111,10 @@ class FileCore:
         known = self._dirs.get((bucket, path)) or self._recent.get((bucket, path))
         if known is not None:  # seen within the attribute timeout (see __init__)
             return known
-        version = await self._store.get_current(bucket, path)
+        try:
+            version = await self._store.get_current(bucket, path)
+        except StoreUnavailable:
+            return await self._stat_from_blobs(bucket, path)
         if version is not None:
             return self._file_attr(version)
         # one listing answers "marker or children?"; the marker sorts first
@@ -118,6 +129,14 @@ class FileCore:
             return self._implicit_dir(self._clock())
         self._absent[(bucket, path)] = True
         raise NoSuchPath(path)
+
+    async def _stat_from_blobs(self, bucket: str, path: str) -> FileAttr:
+        """A file's attributes from its blobs while the store is unreachable; anything
+        else (a directory needs a listing) raises ``StoreUnavailable``."""
+        try:
+            return self._file_attr(await self._objects.head_object(bucket, path))
+        except (NoSuchKey, NoSuchBucket):
+            raise StoreUnavailable(f"{path}: not a file, and listings need the store") from None
 
     async def _require_dir(self, bucket: str, path: str) -> FileAttr:
         """The attributes of directory ``path``; a directory seen in the last second is

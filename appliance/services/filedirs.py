@@ -145,7 +145,7 @@ class FileDirs(FileWrites):
         if node is not None:
             self._forget_node(node)
         self._file_changed(bucket, path)
-        await self._store.delete_object(bucket, path)
+        await self._objects.remove(bucket, path)
 
     async def rmdir(self, bucket: str, path: str) -> None:
         """Remove an empty directory. Raises ``NoSuchPath``, ``NotADirectory``,
@@ -158,7 +158,7 @@ class FileDirs(FileWrites):
         if any(e.key != prefix for e in page.entries) or self.pending_names(bucket, path):
             raise DirectoryNotEmpty(path)
         self._dir_changed(bucket, path)
-        await self._store.delete_object(bucket, prefix)
+        await self._objects.remove(bucket, prefix)
 
     async def rename(
         self,
@@ -228,7 +228,7 @@ class FileDirs(FileWrites):
                 node.spool.save()
             if not node.committed:
                 if target is not None:
-                    await self._store.delete_object(dst_bucket, dst)
+                    await self._objects.remove(dst_bucket, dst)
                 return
         await self._move_key(bucket, src, dst_bucket, dst)
 
@@ -243,7 +243,7 @@ class FileDirs(FileWrites):
         meta.update(encode(attr.with_changes(ctime_ns=self._clock()), xattrs(meta)))
         await self._objects.copy_object(handle, dst_bucket, dst, user_metadata=meta)
         self._absent.pop((dst_bucket, dst.rstrip(SEP)), None)
-        await self._store.delete_object(bucket, src)
+        await self._objects.remove(bucket, src)
         node = self._open.get((dst_bucket, dst))
         if node is not None:
             node.base = await self._objects.open_object(dst_bucket, dst)

@@ -54,6 +54,8 @@ from appliance.meta.models import (
     WritePrecondition,
 )
 from appliance.meta.store import REPLICATE_QUEUE, MetadataStore
+from appliance.services.blobfallback import BlobFallback
+from appliance.services.tombstones import Tombstones
 
 log = logging.getLogger("cairn.objects")
 
@@ -404,9 +406,15 @@ class ObjectService:
         write_ahead: int = 3,
         read_ahead: int = 4,
         buffers: BufferPool | None = None,
+        fallback: BlobFallback | None = None,
+        tombstones: Tombstones | None = None,
     ) -> None:
         self._store = store
         self.chunks = chunks
+        self.fallback = fallback
+        """Opens current versions from blobs while the store is unreachable."""
+        self.tombstones = tombstones
+        """Deletes write tombstones, so the fallback never brings a deleted key back."""
         self._read_ahead = max(1, read_ahead)
         self.writer = ChunkedWriter(
             store,
@@ -531,10 +539,34 @@ class ObjectService:
                 )
             except meta_errors.PreconditionFailed as exc:
                 raise PreconditionFailed(str(exc)) from exc
+        except (BadDigest, PreconditionFailed):
+            await self.withdraw(version.version_id)
+            raise
         except BaseException:
             await self.abort(version.version_id)
             raise
         return result
+
+    async def withdraw(self, version_id: str) -> None:
+        """Abort a version that definitely failed after its chunk 0 was written (bad
+        Content-MD5, a precondition) and delete chunk 0's blobs at once, not after the GC
+        delay: a version whose chunk 0 is present is complete for reads from blobs
+        (docs/replication.md). Never raises (what is left goes the usual way, by GC)."""
+        try:
+            layout = await self._store.get_layout(version_id)
+        except MetaError:
+            layout = []
+        await self.abort(version_id)
+        for placement in layout:
+            if placement.ref.seq != 0:
+                continue
+            chunk_id = placement.chunk.chunk_id
+            try:
+                for location in await self._store.claim_garbage(chunk_id) or []:
+                    if await self.chunks.delete_blob(location.backend, location.blob_key):
+                        await self._store.forget_location(chunk_id, location.backend)
+            except MetaError as exc:
+                log.warning("could not remove chunk 0 of version %s now: %s", version_id, exc)
 
     async def copy_object(
         self,
@@ -707,27 +739,60 @@ class ObjectService:
     async def delete_objects(self, bucket: str, keys: Sequence[str]) -> None:
         """Remove up to 1,000 keys in one metadata transaction (all or nothing)."""
         await self.get_bucket(bucket)
-        await self._store.delete_objects(bucket, keys)
+        if self.tombstones is None:
+            await self._store.delete_objects(bucket, keys)
+        else:
+            await self.tombstones.delete(bucket, keys)
 
     async def delete_object(self, bucket: str, key: str) -> None:
         """Remove the current version of ``key``; absent keys succeed (S3 semantics)."""
         await self.get_bucket(bucket)
-        await self._store.delete_object(bucket, key)
+        await self.remove(bucket, key)
+
+    async def remove(self, bucket: str, key: str) -> bool:
+        """Remove the current version of ``key`` (with its tombstone) without checking
+        the bucket; True when there was one."""
+        if self.tombstones is None:
+            return await self._store.delete_object(bucket, key) is not None
+        return bool(await self.tombstones.delete(bucket, [key]))
 
     # -- reads -----------------------------------------------------------------------
     async def head_object(self, bucket: str, key: str) -> ObjectVersion:
         """Raises ``NoSuchKey`` or ``NoSuchBucket``."""
-        version = await self._store.get_current(bucket, key)
+        try:
+            version = await self._store.get_current(bucket, key)
+        except StoreUnavailable:
+            if self.fallback is None:
+                raise
+            return (await self._open_from_blobs(bucket, key)).version
         if version is None:
             await self.get_bucket(bucket)
             raise NoSuchKey(key)
         return version
 
     async def open_object(self, bucket: str, key: str) -> ObjectHandle:
-        """The current version and its layout, ready to read."""
-        version = await self.head_object(bucket, key)
-        layout = await self._store.get_layout(version.version_id)
-        return ObjectHandle(version, tuple(layout))
+        """The current version and its layout, ready to read. While the store is
+        unreachable, from the key's blobs (``BlobFallback``) unless cached."""
+        try:
+            version = await self._store.get_current(bucket, key)
+            if version is not None:
+                layout = await self._store.get_layout(version.version_id)
+                return ObjectHandle(version, tuple(layout))
+        except StoreUnavailable:
+            if self.fallback is None:
+                raise
+            return await self._open_from_blobs(bucket, key)
+        await self.get_bucket(bucket)
+        raise NoSuchKey(key)
+
+    async def _open_from_blobs(self, bucket: str, key: str) -> ObjectHandle:
+        assert self.fallback is not None
+        found = await self.fallback.open(bucket, key)
+        if found is None:
+            with contextlib.suppress(StoreUnavailable):  # bucket not cached: answer for the key
+                await self.get_bucket(bucket)
+            raise NoSuchKey(key)
+        return ObjectHandle(*found)
 
     def read(
         self, handle: ObjectHandle, start: int = 0, end: int | None = None

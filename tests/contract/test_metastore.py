@@ -30,6 +30,7 @@ from appliance.meta.models import (
     Location,
     MultipartUpload,
     NewChunk,
+    NewTombstone,
     Permission,
     QueueState,
     UsageDelta,
@@ -940,3 +941,78 @@ async def test_if_version_id_precondition(pool: SqlMetadataStore) -> None:
         again, size=100, etag="e", precondition=WritePrecondition(if_version_id=meanwhile)
     )
     assert result.is_current and result.replaced_version_id == meanwhile
+
+
+# -- tombstones ------------------------------------------------------------------------
+def tombstone(version_id: str, backend: str = "b1") -> NewTombstone:
+    cid = new_sortable_id()
+    loc = Location(cid, backend, f"blobs/{version_id}/tombstone", 60)
+    return NewTombstone(version_id, NewChunk(cid, 0, b"\0" * 32, 60), ((loc, None),))
+
+
+async def used(store: SqlMetadataStore, backend: str = "b1") -> int:
+    return {s.name: s.used_bytes for s in await store.get_space()}[backend]
+
+
+async def test_a_delete_records_its_tombstone_with_its_quota(
+    pool: SqlMetadataStore, clock: FakeClock
+) -> None:
+    vid = await put_object(pool, "bk", "k", ["c1"])
+    before = await used(pool)
+    with pytest.raises(Conflict):  # a tombstone must be newer than what it deletes
+        await pool.delete_object("bk", "k", tombstone=tombstone(vid))
+    assert (await pool.get_current("bk", "k")) is not None
+    tomb = tombstone(new_sortable_id())
+    assert await pool.delete_object("bk", "k", tombstone=tomb) == vid
+    assert await used(pool) == before + 60  # the deleted chunk is only queued for the GC
+    [found] = await pool.list_tombstones()
+    assert (found.bucket, found.key, found.version_id) == ("bk", "k", tomb.version_id)
+    assert found.chunk_id == tomb.chunk.chunk_id
+    # an absent key records nothing (the caller removes the blob)
+    assert await pool.delete_object("bk", "k", tombstone=tombstone(new_sortable_id())) is None
+    assert len(await pool.list_tombstones()) == 1
+    # the tombstone's chunk is never garbage while the tombstone is recorded
+    assert tomb.chunk.chunk_id not in await gc_ids(pool, clock)
+    # a commit of a version older than the delete loses to it
+    older = await write_version(pool, "bk", "k", ["c2"], version_id=vid[:-1] + "Z")
+    result = await pool.commit_version(older, size=100, etag="e")
+    assert not result.is_current and await pool.get_current("bk", "k") is None
+    assert len(await pool.list_tombstones()) == 1
+    # a newer version retires it: its chunk is garbage at once
+    newer = await put_object(pool, "bk", "k", ["c3"])
+    assert (await pool.get_current("bk", "k")).version_id == newer  # type: ignore[union-attr]
+    assert await pool.list_tombstones() == []
+    assert tomb.chunk.chunk_id in await gc_ids(pool, clock)
+    assert await pool.claim_garbage(tomb.chunk.chunk_id) == [tomb.locations[0][0]]
+
+
+async def test_tombstones_replace_each_other_and_are_dropped(
+    pool: SqlMetadataStore, clock: FakeClock
+) -> None:
+    await put_object(pool, "bk", "k", ["c1"])
+    first = tombstone(new_sortable_id())
+    await pool.delete_object("bk", "k", tombstone=first)
+    await gc_ids(pool, clock)
+    # the same key deleted again (a version raced in): one row, the newest tombstone
+    older = await write_version(pool, "bk", "k", ["c2"])
+    await pool.commit_version(older, size=100, etag="e")
+    second = tombstone(new_sortable_id())
+    await pool.delete_object("bk", "k", tombstone=second)
+    assert [t.version_id for t in await pool.list_tombstones()] == [second.version_id]
+    assert first.chunk.chunk_id in await gc_ids(pool, clock)
+    # DeleteObjects records one per existing key
+    await put_object(pool, "bk", "a", ["c3"])
+    await put_object(pool, "bk", "b", ["c4"])
+    ta, tb, tc = (tombstone(new_sortable_id()) for _ in range(3))
+    deleted = await pool.delete_objects(
+        "bk", ["a", "b", "c"], tombstones={"a": ta, "b": tb, "c": tc}
+    )
+    assert deleted == ["a", "b"]
+    listed = await pool.list_tombstones()
+    assert {t.key for t in listed} == {"k", "a", "b"}
+    page = await pool.list_tombstones(after=listed[0].version_id, limit=1)
+    assert [t.version_id for t in page] == [listed[1].version_id]
+    assert await pool.drop_tombstone(ta.version_id)
+    assert not await pool.drop_tombstone(ta.version_id)
+    assert {t.key for t in await pool.list_tombstones()} == {"k", "b"}
+    assert ta.chunk.chunk_id in await gc_ids(pool, clock)

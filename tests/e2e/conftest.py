@@ -119,6 +119,8 @@ class DaemonSpec:
     """None, ``"inline"`` or ``"file"``: the pool encrypts with a master key from there."""
     memory_cache: bool = True
     """False sets ``cache.max_size: 0``: every read reaches the backends (tamper tests)."""
+    db_dsn: str | None = None
+    """The daemon's PostgreSQL DSN when not ``CAIRN_TEST_PG_DSN`` (e.g. through a relay)."""
 
     @property
     def name(self) -> str:
@@ -525,7 +527,7 @@ def write_config(
     ]
     database: dict[str, Any]
     if spec.db == "postgres":
-        database = {"postgres": {"dsn": pg_dsn(), "schema": schema}}
+        database = {"postgres": {"dsn": spec.db_dsn or pg_dsn(), "schema": schema}}
     else:
         database = {"sqlite": {"path": "cairn.db"}}
     config = {

@@ -49,11 +49,13 @@ async def write_file(files: FileService, path: str, data: bytes, mode: int = 0o6
 
 
 def data_blobs(tmp_path: Path) -> set[str]:
-    """Blob files on the local backends (manifests excluded)."""
+    """Blob files on the local backends (manifests and tombstones excluded)."""
     return {
         str(p.relative_to(tmp_path))
         for p in tmp_path.glob("d*/**/*")
-        if p.is_file() and p.name != "manifest" and not p.name.startswith(".cairn-tmp")
+        if p.is_file()
+        and p.name not in ("manifest", "tombstone")
+        and not p.name.startswith(".cairn-tmp")
     }
 
 

@@ -200,3 +200,24 @@ async def test_committed_encrypted_sample_decodes() -> None:
     assert hashlib.sha256(payload).digest() == sha256
     # header length = stored size - sealed size, as for range reads without the header
     assert length == len(blob) - sealed_size(header.size)
+
+
+def test_tombstone_round_trip_and_layout() -> None:
+    from appliance.data.blobformat import (
+        blob_kind,
+        decode_tombstone,
+        encode_tombstone,
+        tombstone_blob_key,
+    )
+
+    blob = encode_tombstone("01HZZZZZZZZZZZZZZZZZZZZZZZ")
+    assert blob[:6] == b"CRNB\x01\x00"  # format 1 framing, not sealed
+    assert header_size(blob) == len(blob)  # header only, no payload
+    assert blob_kind(blob) == "tombstone"
+    assert decode_tombstone(blob) == "01HZZZZZZZZZZZZZZZZZZZZZZZ"
+    assert b'"kind":"tombstone"' in blob and b"bucket" not in blob
+    with pytest.raises(BlobFormatError):
+        decode_tombstone(blob[:-1] + bytes([blob[-1] ^ 1]))  # CRC
+    with pytest.raises(BlobFormatError):
+        decode_chunk_header(blob)
+    assert tombstone_blob_key("ab/abcd", "V") == "ab/abcd/V/tombstone"
