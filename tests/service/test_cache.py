@@ -136,10 +136,15 @@ async def test_concurrent_reads_of_one_object_make_one_backend_get(counted: Coun
     await put(pool, "hot", data)
     for fault in counted.faults.values():
         fault.latency(0.05)  # so that every read arrives while the first fetch is running
+    assert pool.cache is not None
+    hits = pool.cache.hits
     results = await asyncio.gather(*(read_all(pool, "hot") for _ in range(20)))
     assert all(r == data for r in results)
     assert counted.gets == 1
-    assert pool.cache is not None and pool.cache.coalesced == 19
+    # the others joined the one fetch, or (a slow metadata store delaying them past it)
+    # found the chunk already cached
+    assert pool.cache.coalesced >= 1
+    assert pool.cache.coalesced + pool.cache.hits - hits == 19
 
 
 async def test_range_reads_are_served_from_cached_chunks(counted: Counted) -> None:
