@@ -524,17 +524,19 @@ class SqlMetadataStore(abc.ABC):
 
         await self._run(work)
 
-    async def _insert_chunk(self, tx: Tx, chunk: NewChunk) -> None:
-        """Record a new chunk with refcount 1 (its first ref is inserted with it)."""
+    async def _insert_chunk(self, tx: Tx, chunk: NewChunk, *, refcount: int = 1) -> None:
+        """Record a new chunk, by default with refcount 1 (its first ref is inserted
+        with it); a tombstone's chunk has none."""
         await tx.execute(
             "INSERT INTO chunks (chunk_id, size, sha256, stored_size, wrapped_dek, key_id, "
-            "refcount, created_at) VALUES ($1, $2, $3, $4, $5, $6, 1, $7)",
+            "refcount, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             chunk.chunk_id,
             chunk.size,
             chunk.sha256,
             chunk.stored_size,
             chunk.wrapped_dek,
             chunk.key_id,
+            refcount,
             self._now(),
         )
 
@@ -887,17 +889,7 @@ class SqlMetadataStore(abc.ABC):
         if old is not None:
             await self._retire_tombstone(tx, old["version_id"], old["chunk_id"])
         chunk = tombstone.chunk
-        await tx.execute(
-            "INSERT INTO chunks (chunk_id, size, sha256, stored_size, wrapped_dek, key_id, "
-            "refcount, created_at) VALUES ($1, $2, $3, $4, $5, $6, 0, $7)",
-            chunk.chunk_id,
-            chunk.size,
-            chunk.sha256,
-            chunk.stored_size,
-            chunk.wrapped_dek,
-            chunk.key_id,
-            self._now(),
-        )
+        await self._insert_chunk(tx, chunk, refcount=0)
         for location, reservation_id in tombstone.locations:
             await self._insert_location(tx, location, reservation_id)
         await tx.execute(
