@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from tests.fixtures_moto import free_port
 
@@ -71,3 +73,13 @@ class Switch:
 
         await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
         self._conns -= {writer, up_writer}
+
+
+@contextlib.contextmanager
+def relayed_dsn(dsn: str) -> Iterator[tuple[Switch, str]]:
+    """A relay to the PostgreSQL server of ``dsn``, and a DSN that goes through it."""
+    parts = urlsplit(dsn)
+    with Switch(parts.port or 5432) as switch:
+        userinfo, at, _ = parts.netloc.rpartition("@")
+        host = f"127.0.0.1:{switch.port}"
+        yield switch, urlunsplit(parts._replace(netloc=f"{userinfo}{at}{host}"))

@@ -11,7 +11,6 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from botocore.exceptions import ClientError
@@ -27,7 +26,7 @@ from tests.e2e.conftest import (
     running_daemon,
 )
 from tests.e2e.test_db_outage import code, corrupt, restore
-from tests.relay import Switch
+from tests.relay import Switch, relayed_dsn
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MiB = 1024 * 1024
@@ -166,15 +165,8 @@ def test_sqlite_unreadable_uncached_reads_come_from_blobs(
 
 @pytest.fixture
 def pg_relay() -> Iterator[tuple[Switch, str]]:
-    dsn = pg_dsn()
-    parts = urlsplit(dsn)
-    with Switch(parts.port or 5432) as switch:
-        netloc = parts.netloc.rsplit("@", 1)
-        host = f"127.0.0.1:{switch.port}"
-        yield (
-            switch,
-            urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host)),
-        )
+    with relayed_dsn(pg_dsn()) as relay:
+        yield relay
 
 
 def test_postgres_cut_off_uncached_reads_come_from_blobs(

@@ -15,7 +15,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -37,7 +36,7 @@ from backends.errors import TransientBackendError
 from backends.faults import FaultyBackend
 from tests.conftest import pg_dsn
 from tests.fixtures_moto import MotoS3
-from tests.relay import Switch
+from tests.relay import Switch, relayed_dsn
 from tests.service.test_outage import corrupt, restore
 
 pytestmark = pytest.mark.service
@@ -264,15 +263,8 @@ async def test_sqlite_unreadable_uncached_reads_come_from_blobs(
 
 @pytest.fixture
 def pg_switch() -> Iterator[tuple[Switch, str]]:
-    dsn = pg_dsn()
-    parts = urlsplit(dsn)
-    with Switch(parts.port or 5432) as switch:
-        netloc = parts.netloc.rsplit("@", 1)
-        host = f"127.0.0.1:{switch.port}"
-        yield (
-            switch,
-            urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host)),
-        )
+    with relayed_dsn(pg_dsn()) as relay:
+        yield relay
 
 
 @pytest.mark.allow_error_logs

@@ -12,7 +12,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -22,7 +21,7 @@ from appliance.config import parse_config
 from appliance.errors import MetadataUnavailable, NoSuchKey
 from appliance.meta.errors import StoreUnavailable
 from tests.conftest import pg_dsn
-from tests.relay import Switch
+from tests.relay import Switch, relayed_dsn
 
 pytestmark = pytest.mark.service
 CHUNK = 64 * 1024
@@ -129,15 +128,8 @@ async def test_sqlite_corrupt_file_reads_go_on_writes_fail_then_resume(tmp_path:
 @pytest.fixture
 def pg_switch() -> Iterator[tuple[Switch, str]]:
     """A relay to the test PostgreSQL server and a DSN that goes through it."""
-    dsn = pg_dsn()
-    parts = urlsplit(dsn)
-    with Switch(parts.port or 5432) as switch:
-        netloc = parts.netloc.rsplit("@", 1)
-        host = f"127.0.0.1:{switch.port}"
-        relayed = urlunsplit(
-            parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host)
-        )
-        yield switch, relayed
+    with relayed_dsn(pg_dsn()) as relay:
+        yield relay
 
 
 @pytest.mark.allow_error_logs
