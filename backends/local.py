@@ -30,6 +30,7 @@ import errno
 import os
 import secrets
 import stat
+import threading
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Generator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -129,6 +130,12 @@ async def _to_thread_owned(fn: Callable[[], _T], release: Callable[[_T], None]) 
 
         task.add_done_callback(_done)
         raise
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark a finished future's outcome as seen (asyncio logs unretrieved errors)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -293,25 +300,26 @@ class LocalBackend:
     async def put(self, key: str, body: BlobBody, *, size: int) -> BlobInfo:
         """Write the blob atomically (temp file, fsync, rename, fsync directory).
 
+        A buffer is written in one worker-thread call (directories, temp file, data,
+        fsync, rename); a stream takes one call per piece.
+
         Raises ``PermanentBackendError`` when a buffer's length differs from ``size`` or
         a stream yields too many bytes, ``TransientBackendError`` when a stream ends
         early or its iterator fails, ``BackendFull`` when the disk is full. On any
         failure the temporary file is removed and a previous blob stays intact. A put
-        cancelled during its final rename may still take effect (whole, never partly).
+        cancelled during its final fsync and rename may still take effect (whole,
+        never partly).
         """
         path = self._path(key)
         if size < 0:
             raise PermanentBackendError(f"negative blob size {size}", backend=self._name)
-        view: memoryview | None = None
-        stream: AsyncIterable[bytes] | None = None
         if isinstance(body, bytes | bytearray | memoryview):
             view = memoryview(body).cast("B")
             if len(view) != size:
                 raise PermanentBackendError(
                     f"body has {len(view)} bytes but size is {size}", backend=self._name
                 )
-        else:
-            stream = body
+            return await self._put_buffer(path, view, key)
         try:
             tmp, synced_dirs = await _to_thread_owned(
                 lambda: self._create_temp(path), lambda r: self._discard(r[0], path)
@@ -319,12 +327,7 @@ class LocalBackend:
         except OSError as exc:
             raise _map_oserror(exc, backend=self._name, key=key, writing=True) from exc
         try:
-            if stream is not None:
-                await self._write_stream(tmp, stream, size, key)
-            elif view is not None and size:
-                # one thread hop for the whole buffer (a blob is at most one chunk):
-                # per-MiB hops cost more than they buy in responsiveness
-                await self._write(tmp, view, key)
+            await self._write_stream(tmp, body, size, key)
             st = await self._on_temp(tmp, lambda: self._commit(tmp, path, synced_dirs), key)
         except BaseException:
             busy = tmp.busy
@@ -339,6 +342,35 @@ class LocalBackend:
             else:
                 self._discard(tmp, path)  # quick syscalls, inline: nothing can skip them
             raise
+        return BlobInfo(key=key, size=st.st_size, modified=_mtime(st))
+
+    async def _put_buffer(self, path: str, view: memoryview, key: str) -> BlobInfo:
+        """The whole put of a buffer in one worker-thread call: thread hops cost more
+        than the syscalls of a small blob. Cancelled before its fsync, the thread
+        discards the temp file; after it, the put completes."""
+        cancelled = threading.Event()
+
+        def run() -> os.stat_result:
+            tmp, changed = self._create_temp(path)
+            try:
+                if len(view):
+                    _write_all(tmp.fd, view)
+                if cancelled.is_set():
+                    raise asyncio.CancelledError
+                return self._commit(tmp, path, changed)
+            except BaseException:
+                self._discard(tmp, path)
+                raise
+
+        fut = asyncio.ensure_future(asyncio.to_thread(run))
+        try:
+            st = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            cancelled.set()
+            fut.add_done_callback(_retrieve)
+            raise
+        except OSError as exc:
+            raise _map_oserror(exc, backend=self._name, key=key, writing=True) from exc
         return BlobInfo(key=key, size=st.st_size, modified=_mtime(st))
 
     async def _on_temp(self, tmp: _TempFile, fn: Callable[[], _T], key: str) -> _T:
