@@ -8,7 +8,7 @@ import contextlib
 import logging
 import os
 import stat
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 
 from cachetools import TTLCache
@@ -22,7 +22,7 @@ from appliance.errors import (
     PathExists,
 )
 from appliance.meta.errors import StoreUnavailable
-from appliance.meta.models import ObjectVersion
+from appliance.meta.models import DirRow, ObjectVersion
 from appliance.meta.store import MetadataStore
 from appliance.placement.pool import PoolState
 from appliance.services.fileattrs import (
@@ -34,6 +34,7 @@ from appliance.services.fileattrs import (
     ns_of,
 )
 from appliance.services.filetypes import SEP, UNLIMITED_BYTES, Capacity, OpenFile, dir_key, now_ns
+from appliance.services.namecache import ABSENT, NameCache, NameChange
 from appliance.services.objects import ObjectService, check_key
 
 log = logging.getLogger("cairn.files")
@@ -72,6 +73,9 @@ class FileCore:
         # for them right after ``close``. Dropped by every change made here; a change
         # made through S3 shows after ``dir_ttl``, like the kernel's attribute cache.
         self._recent: TTLCache[tuple[str, str], FileAttr] = TTLCache(maxsize=4096, ttl=dir_ttl)
+        # Spans of directory listings, so a walk over a directory's names is answered
+        # from memory (``appliance.services.namecache``); same bound as the above.
+        self._names = NameCache(dir_ttl)
 
     def prepare(self) -> None:
         """Create the spool directory (mode 0700). Raises ``OSError``."""
@@ -111,10 +115,19 @@ class FileCore:
         known = self._dirs.get((bucket, path)) or self._recent.get((bucket, path))
         if known is not None:  # seen within the attribute timeout (see __init__)
             return known
+        listed = self._names.get(bucket, path)
+        if isinstance(listed, FileAttr):
+            return listed
+        if listed is ABSENT and not self._open_under(bucket, path):
+            self._absent[(bucket, path)] = True
+            raise NoSuchPath(path)
         try:
             version = await self._store.get_current(bucket, path)
         except StoreUnavailable:
             return await self._stat_from_blobs(bucket, path)
+        want = self._names.wants_span(bucket, path)
+        if want:
+            await self._read_span(bucket, path, want)
         if version is not None:
             return self._file_attr(version)
         # one listing answers "marker or children?"; the marker sorts first
@@ -125,10 +138,70 @@ class FileCore:
                 return self._file_attr(marker, directory=True)
         if page.entries:
             return self._implicit_dir(ns_of(page.entries[0].last_modified))
-        if any(b == bucket and k.startswith(dir_key(path)) for b, k in self._open):
+        if self._open_under(bucket, path):
             return self._implicit_dir(self._clock())
         self._absent[(bucket, path)] = True
         raise NoSuchPath(path)
+
+    def _open_under(self, bucket: str, path: str) -> bool:
+        """Whether a file open here lies under ``path`` (an implicit directory)."""
+        under = dir_key(path)
+        return any(b == bucket and k.startswith(under) for b, k in self._open)
+
+    async def _read_span(self, bucket: str, path: str, count: int) -> None:
+        """Read up to ``count`` names of ``path``'s directory after it into the name
+        cache. Best effort: a store error leaves the cache as it was."""
+        directory = path.rpartition(SEP)[0]
+        prefix = dir_key(directory)
+        epoch = self._names.epoch
+        try:
+            page = await self._store.list_directory(
+                bucket, prefix=prefix, delimiter=SEP, start_after=path, limit=count
+            )
+        except StoreUnavailable:
+            return
+        if page.truncated and not page.rows:
+            return
+        last = page.rows[-1].key if page.truncated else None
+        names = self._dir_names(bucket, prefix, page.rows)
+        self._names.put_span(bucket, directory, path, names, last, count, epoch=epoch)
+
+    def _dir_names(self, bucket: str, prefix: str, rows: Iterable[DirRow]) -> dict[str, FileAttr]:
+        """The names of listing rows under ``prefix`` with their attributes; a file and
+        a directory of one name: the directory wins. Open files show as open."""
+        picked: dict[str, DirRow] = {}
+        for row in rows:
+            name = row.key[len(prefix) :].rstrip(SEP) if row.is_prefix else row.key[len(prefix) :]
+            if not name or SEP in name:
+                continue  # the directory's own marker, or a key with "//" (not addressable)
+            if row.is_prefix or name not in picked:
+                picked[name] = row
+        out: dict[str, FileAttr] = {}
+        for name, row in picked.items():
+            if row.is_prefix:
+                out[name] = (
+                    self._file_attr(row.version, directory=True)
+                    if row.version is not None
+                    else self._implicit_dir(self._clock())
+                )
+                continue
+            node = self._open.get((bucket, row.key))
+            if node is not None and not node.unlinked:
+                out[name] = node.attr
+            elif row.version is not None:
+                out[name] = self._file_attr(row.version)
+        return out
+
+    @contextlib.contextmanager
+    def _changing(self, bucket: str, path: str) -> Iterator[NameChange]:
+        """Run a change of ``path`` made by this mount; the caller tells what it did
+        (``NameChange``), which the name cache applies when the change ends."""
+        change = NameChange()
+        self._names.begin()
+        try:
+            yield change
+        finally:
+            self._names.end(bucket, path, change)
 
     async def _stat_from_blobs(self, bucket: str, path: str) -> FileAttr:
         """A file's attributes from its blobs while the store is unreachable; anything

@@ -22,7 +22,6 @@ from appliance.errors import (
     PathExists,
 )
 from appliance.ids import new_sortable_id
-from appliance.meta.models import DirRow
 from appliance.services.fileattrs import DEFAULT_DIR_MODE, FileAttr, encode, xattrs
 from appliance.services.filetypes import LIST_PAGE, SEP, DirEntry, DirPage, dir_key
 from appliance.services.filewrites import FileWrites, finish_cancel
@@ -51,32 +50,11 @@ class FileDirs(FileWrites):
             start_after=prefix + after if after is not None else None,
             limit=limit,
         )
-        # (name, row); a file and a directory of one name: the directory wins
-        rows: dict[str, DirRow] = {}
-        for row in page.rows:
-            name = row.key[len(prefix) :].rstrip(SEP) if row.is_prefix else row.key[len(prefix) :]
-            if not name or SEP in name:
-                continue  # the directory's own marker, or a key with "//" (not addressable)
-            if row.is_prefix or name not in rows:
-                rows[name] = row
-        out: list[DirEntry] = []
-        for name in sorted(rows, key=lambda n: n.encode("utf-8", "surrogatepass")):
-            row = rows[name]
-            if row.is_prefix:
-                attr = (
-                    self._file_attr(row.version, directory=True)
-                    if row.version is not None
-                    else self._implicit_dir(self._clock())
-                )
-            else:
-                node = self._open.get((bucket, row.key))
-                if node is not None and not node.unlinked:
-                    attr = node.attr
-                elif row.version is not None:
-                    attr = self._file_attr(row.version)
-                else:  # pragma: no cover - a file row always has its version
-                    continue
-            out.append(DirEntry(name, attr))
+        names = self._dir_names(bucket, prefix, page.rows)
+        out = [
+            DirEntry(name, names[name])
+            for name in sorted(names, key=lambda n: n.encode("utf-8", "surrogatepass"))
+        ]
         if not page.truncated and not out and path and after is None:
             await self._require_dir(bucket, path)
         marker = page.next_marker[len(prefix) :] if page.truncated and page.next_marker else None
@@ -100,8 +78,11 @@ class FileDirs(FileWrites):
         parent = await self._check_new(bucket, path)
         attr = self._new_attr(stat.S_IFDIR | stat.S_IMODE(mode), uid, gid, parent)
         self._dir_changed(bucket, path)
-        version = await self._put_small(bucket, dir_key(path), b"", attr, {})
-        return self._file_attr(version, directory=True)
+        with self._changing(bucket, path) as change:
+            version = await self._put_small(bucket, dir_key(path), b"", attr, {})
+            made = self._file_attr(version, directory=True)
+            change.exists(made)
+        return made
 
     async def mknod(
         self, bucket: str, path: str, mode: int, rdev: int, uid: int, gid: int
@@ -112,15 +93,20 @@ class FileDirs(FileWrites):
             mode |= stat.S_IFREG
         parent = await self._check_new(bucket, path)
         attr = self._new_attr(mode, uid, gid, parent, rdev)
-        return self._file_attr(await self._put_small(bucket, path, b"", attr, {}))
+        with self._changing(bucket, path) as change:
+            made = self._file_attr(await self._put_small(bucket, path, b"", attr, {}))
+            change.exists(made)
+        return made
 
     async def symlink(self, bucket: str, path: str, target: str, uid: int, gid: int) -> FileAttr:
         """Create a symbolic link (the object's body is the target)."""
         parent = await self._check_new(bucket, path)
         attr = self._new_attr(stat.S_IFLNK | 0o777, uid, gid, parent)
         body = target.encode("utf-8", "surrogateescape")
-        version = await self._put_small(bucket, path, body, attr, {})
-        return self._file_attr(version)
+        with self._changing(bucket, path) as change:
+            made = self._file_attr(await self._put_small(bucket, path, body, attr, {}))
+            change.exists(made)
+        return made
 
     async def readlink(self, bucket: str, path: str) -> str:
         """The target of a symbolic link. Raises ``NoSuchPath``, ``InvalidArgument``."""
@@ -145,7 +131,9 @@ class FileDirs(FileWrites):
         if node is not None:
             self._forget_node(node)
         self._file_changed(bucket, path)
-        await self._objects.remove(bucket, path)
+        with self._changing(bucket, path) as change:
+            await self._objects.remove(bucket, path)
+            change.removed()
 
     async def rmdir(self, bucket: str, path: str) -> None:
         """Remove an empty directory. Raises ``NoSuchPath``, ``NotADirectory``,
@@ -158,7 +146,8 @@ class FileDirs(FileWrites):
         if any(e.key != prefix for e in page.entries) or self.pending_names(bucket, path):
             raise DirectoryNotEmpty(path)
         self._dir_changed(bucket, path)
-        await self._objects.remove(bucket, prefix)
+        with self._changing(bucket, path):  # forgotten: its own listing goes too
+            await self._objects.remove(bucket, prefix)
 
     async def rename(
         self,
@@ -183,16 +172,19 @@ class FileDirs(FileWrites):
         self._file_changed(bucket, src)
         self._file_changed(dst_bucket, dst)
         try:
-            await self._rename(bucket, src, dst_bucket, dst, noreplace=noreplace)
+            with self._changing(bucket, src), self._changing(dst_bucket, dst) as change:
+                # a directory's names move too: its spans (and those under it) go
+                change.tree = await self._rename(bucket, src, dst_bucket, dst, noreplace=noreplace)
         finally:
             self._absent.pop((dst_bucket, dst), None)
 
     async def _rename(
         self, bucket: str, src: str, dst_bucket: str, dst: str, *, noreplace: bool
-    ) -> None:
+    ) -> bool:
+        """Returns whether a directory moved."""
         if (bucket, src) == (dst_bucket, dst):
             await self.stat(bucket, src)
-            return
+            return False
         source = await self.stat(bucket, src)
         await self._require_dir(dst_bucket, dst.rpartition(SEP)[0])
         target: FileAttr | None = None
@@ -212,7 +204,7 @@ class FileDirs(FileWrites):
             if target is not None:
                 await self.rmdir(dst_bucket, dst)  # DirectoryNotEmpty unless empty
             await self._rename_tree(bucket, src, dst_bucket, dst)
-            return
+            return True
         replaced = self._open.get((dst_bucket, dst))
         if replaced is not None:
             self._forget_node(replaced)
@@ -229,8 +221,9 @@ class FileDirs(FileWrites):
             if not node.committed:
                 if target is not None:
                     await self._objects.remove(dst_bucket, dst)
-                return
+                return False
         await self._move_key(bucket, src, dst_bucket, dst)
+        return False
 
     async def _move_key(self, bucket: str, src: str, dst_bucket: str, dst: str) -> None:
         check_key(dst)

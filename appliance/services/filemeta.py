@@ -19,6 +19,14 @@ class FileMeta(FileDirs):
         if not path:
             raise NotPermitted("a bucket's root has no attributes of its own")
         self._file_changed(bucket, path)
+        with self._changing(bucket, path) as change:
+            new = await self._store_meta(bucket, path, attr, extra)
+            change.exists(new)
+        return new
+
+    async def _store_meta(
+        self, bucket: str, path: str, attr: FileAttr, extra: dict[str, str]
+    ) -> FileAttr:
         if attr.is_dir:
             self._dir_changed(bucket, path)
             key = dir_key(path)

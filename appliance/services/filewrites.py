@@ -202,6 +202,11 @@ class FileWrites(FileCore):
     async def _commit(self, node: OpenFile) -> None:
         if node.unlinked or not node.dirty:
             return
+        with self._changing(node.bucket, node.key) as change:
+            await self._commit_dirty(node)
+            change.exists(node.attr)
+
+    async def _commit_dirty(self, node: OpenFile) -> None:
         meta = encode(node.attr, node.xattrs)
         base = await self._base(node) if node.committed else None
         if node.spool is None and base is not None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import stat
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -301,3 +303,97 @@ async def test_recovery_finishes_a_directory_rename_cut_short(
         assert await read_all(pool, f"dst/sub/f{i:02d}") == f"file {i}".encode()
     assert (await files.stat(BUCKET, "dst/empty")).mode == stat.S_IFDIR | 0o700
     assert [p.name for p in spool_dir.iterdir()] == ["0002.rename"]  # kept, reported
+
+
+class CountingStore:
+    """The real store, counting the calls made to it (which lookups reached it)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.calls: Counter[str] = Counter()
+
+    def __getattr__(self, name: str) -> Any:
+        found = getattr(self._inner, name)
+        if not callable(found):
+            return found
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls[name] += 1
+            return found(*args, **kwargs)
+
+        return call
+
+
+async def put_walk_files(pool: Pool, count: int) -> None:
+    for i in range(count):
+        data = b"x" * (i % 7)
+        await pool.objects.put_object(BUCKET, f"walk/f{i:04d}", body(data), size=len(data))
+
+
+async def test_a_walk_over_a_directory_is_answered_from_listings(
+    pool: Pool, files: FileService
+) -> None:
+    await put_walk_files(pool, 400)
+    counting = CountingStore(files._store)
+    files._store = counting
+    for i in range(400):
+        assert (await files.stat(BUCKET, f"walk/f{i:04d}")).size == i % 7
+    with pytest.raises(NoSuchPath):
+        await files.stat(BUCKET, "walk/f0100a")  # between listed names
+    queries = counting.calls["get_current"] + counting.calls["list_directory"]
+    assert queries < 40, counting.calls  # a point query per name would be 400
+    assert counting.calls["list_directory"] >= 3
+
+
+async def test_changes_made_here_show_at_once_over_listed_names(
+    pool: Pool, files: FileService
+) -> None:
+    await put_walk_files(pool, 300)
+    for i in range(300):
+        await files.stat(BUCKET, f"walk/f{i:04d}")
+    counting = CountingStore(files._store)
+    files._store = counting
+    assert (await files.stat(BUCKET, "walk/f0150")).size == 150 % 7
+    assert sum(counting.calls.values()) == 0  # listed: the test runs over the spans
+    files._store = counting._inner
+
+    await files.unlink(BUCKET, "walk/f0100")
+    with pytest.raises(NoSuchPath):
+        await files.stat(BUCKET, "walk/f0100")
+    await files.set_attr(BUCKET, "walk/f0101", AttrChanges(mode=0o600))
+    assert stat.S_IMODE((await files.stat(BUCKET, "walk/f0101")).mode) == 0o600
+    await files.symlink(BUCKET, "walk/f0102x", "target", 0, 0)
+    assert (await files.stat(BUCKET, "walk/f0102x")).is_link
+    await write_file(files, "walk/f0103x", b"abc")
+    assert (await files.stat(BUCKET, "walk/f0103x")).size == 3
+    await files.rename(BUCKET, "walk/f0104", BUCKET, "walk/f0104y")
+    with pytest.raises(NoSuchPath):
+        await files.stat(BUCKET, "walk/f0104")
+    assert (await files.stat(BUCKET, "walk/f0104y")).size == 104 % 7
+    await files.mkdir(BUCKET, "walk/f0105d", 0o755, 0, 0)
+    assert (await files.stat(BUCKET, "walk/f0105d")).is_dir
+    await files.rename(BUCKET, "walk/f0105d", BUCKET, "walk/f0106d")
+    with pytest.raises(NoSuchPath):
+        await files.stat(BUCKET, "walk/f0105d")
+    assert (await files.stat(BUCKET, "walk/f0106d")).is_dir
+    await files.rmdir(BUCKET, "walk/f0106d")
+    with pytest.raises(NoSuchPath):
+        await files.stat(BUCKET, "walk/f0106d")
+    node = await files.open(BUCKET, "walk/f0107")
+    await files.write(node, 0, b"longer now")
+    await files.release(node)
+    assert (await files.stat(BUCKET, "walk/f0107")).size == 10
+
+
+async def test_changes_made_through_s3_show_within_the_attribute_timeout(
+    pool: Pool, files: FileService
+) -> None:
+    await put_walk_files(pool, 200)
+    for i in range(200):
+        await files.stat(BUCKET, f"walk/f{i:04d}")
+    await pool.objects.put_object(BUCKET, "walk/f0150z", body(b"new"), size=3)
+    await pool.objects.delete_object(BUCKET, "walk/f0151")
+    await asyncio.sleep(1.05)  # the mount's attribute timeout (1 s) has passed
+    assert (await files.stat(BUCKET, "walk/f0150z")).size == 3
+    with pytest.raises(NoSuchPath):
+        await files.stat(BUCKET, "walk/f0151")
