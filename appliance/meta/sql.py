@@ -454,28 +454,40 @@ class SqlMetadataStore(abc.ABC):
         user_metadata: Mapping[str, str] | None = None,
     ) -> ObjectVersion:
         async def work(tx: Tx) -> ObjectVersion:
-            if await tx.fetchrow("SELECT 1 AS x FROM buckets WHERE name = $1", bucket) is None:
-                raise NotFound(f"bucket {bucket!r} does not exist")
-            changed = await tx.execute(
-                "INSERT INTO versions (version_id, bucket, key, kind, state, headers, "
-                "user_metadata, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
-                "ON CONFLICT (version_id) DO NOTHING",
-                version_id,
-                bucket,
-                key,
-                kind.value,
-                VersionState.UPLOADING.value,
-                _dumps(headers or {}),
-                _dumps(user_metadata or {}),
-                self._now(),
-            )
-            if not changed:
-                raise AlreadyExists(f"version {version_id} already exists")
+            await self._insert_version(tx, version_id, bucket, key, kind, headers, user_metadata)
             row = await tx.fetchrow("SELECT * FROM versions WHERE version_id = $1", version_id)
             assert row is not None
             return _version(row)
 
         return await self._run(work)
+
+    async def _insert_version(
+        self,
+        tx: Tx,
+        version_id: str,
+        bucket: str,
+        key: str,
+        kind: VersionKind,
+        headers: Mapping[str, str] | None,
+        user_metadata: Mapping[str, str] | None,
+    ) -> None:
+        if await tx.fetchrow("SELECT 1 AS x FROM buckets WHERE name = $1", bucket) is None:
+            raise NotFound(f"bucket {bucket!r} does not exist")
+        changed = await tx.execute(
+            "INSERT INTO versions (version_id, bucket, key, kind, state, headers, "
+            "user_metadata, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
+            "ON CONFLICT (version_id) DO NOTHING",
+            version_id,
+            bucket,
+            key,
+            kind.value,
+            VersionState.UPLOADING.value,
+            _dumps(headers or {}),
+            _dumps(user_metadata or {}),
+            self._now(),
+        )
+        if not changed:
+            raise AlreadyExists(f"version {version_id} already exists")
 
     async def _uploading(self, tx: Tx, version_id: str, kind: VersionKind | None = None) -> Row:
         row = await tx.fetchrow(
@@ -517,12 +529,22 @@ class SqlMetadataStore(abc.ABC):
     ) -> None:
         async def work(tx: Tx) -> None:
             await self._uploading(tx, version_id)
-            await self._insert_chunk(tx, chunk)
-            await self._insert_refs(tx, version_id, [ref])
-            for location, reservation_id in locations:
-                await self._insert_location(tx, location, reservation_id)
+            await self._record_chunk(tx, version_id, ref, chunk, locations)
 
         await self._run(work)
+
+    async def _record_chunk(
+        self,
+        tx: Tx,
+        version_id: str,
+        ref: ChunkRef,
+        chunk: NewChunk,
+        locations: Sequence[tuple[Location, int | None]],
+    ) -> None:
+        await self._insert_chunk(tx, chunk)
+        await self._insert_refs(tx, version_id, [ref])
+        for location, reservation_id in locations:
+            await self._insert_location(tx, location, reservation_id)
 
     async def _insert_chunk(self, tx: Tx, chunk: NewChunk, *, refcount: int = 1) -> None:
         """Record a new chunk, by default with refcount 1 (its first ref is inserted
@@ -739,6 +761,32 @@ class SqlMetadataStore(abc.ABC):
         async def work(tx: Tx) -> CommitResult:
             row = await self._uploading(tx, version_id, VersionKind.OBJECT)
             await self._complete(tx, version_id, size, etag, headers, user_metadata)
+            return await self._make_current(tx, row, size, etag, precondition)
+
+        return await self._run(work)
+
+    async def put_version(
+        self,
+        version_id: str,
+        bucket: str,
+        key: str,
+        *,
+        ref: ChunkRef,
+        chunk: NewChunk,
+        locations: Sequence[tuple[Location, int | None]],
+        size: int,
+        etag: str,
+        headers: Mapping[str, str] | None = None,
+        user_metadata: Mapping[str, str] | None = None,
+        precondition: WritePrecondition | None = None,
+    ) -> CommitResult:
+        async def work(tx: Tx) -> CommitResult:
+            await self._insert_version(
+                tx, version_id, bucket, key, VersionKind.OBJECT, headers, user_metadata
+            )
+            await self._record_chunk(tx, version_id, ref, chunk, locations)
+            row = await self._uploading(tx, version_id, VersionKind.OBJECT)
+            await self._complete(tx, version_id, size, etag, None, None)
             return await self._make_current(tx, row, size, etag, precondition)
 
         return await self._run(work)

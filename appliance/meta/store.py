@@ -187,6 +187,30 @@ class MetadataStore(Protocol):
         """
         ...
 
+    async def put_version(
+        self,
+        version_id: str,
+        bucket: str,
+        key: str,
+        *,
+        ref: ChunkRef,
+        chunk: NewChunk,
+        locations: Sequence[tuple[Location, int | None]],
+        size: int,
+        etag: str,
+        headers: Mapping[str, str] | None = None,
+        user_metadata: Mapping[str, str] | None = None,
+        precondition: WritePrecondition | None = None,
+    ) -> CommitResult:
+        """Record a one-chunk object version whose chunk is already stored and commit it,
+        in one transaction: ``begin_version``, ``add_chunk`` and ``commit_version``.
+
+        Nothing is recorded when it raises ``NotFound`` (bucket), ``AlreadyExists``
+        (the version id) or ``PreconditionFailed``: the chunk's blobs and reservations
+        are then the caller's to remove (``abort_version`` releases the reservations).
+        """
+        ...
+
     async def abort_version(self, version_id: str) -> tuple[str, ...]:
         """Drop an UPLOADING version, its refs and reservations; idempotent.
 

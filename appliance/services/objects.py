@@ -21,6 +21,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, M
 from dataclasses import dataclass, field
 from typing import Any
 
+from appliance.clock import utcnow
 from appliance.data.blobformat import (
     ChunkHeader,
     Manifest,
@@ -51,6 +52,7 @@ from appliance.meta.models import (
     ListPage,
     ObjectVersion,
     VersionKind,
+    VersionState,
     WritePrecondition,
 )
 from appliance.meta.store import REPLICATE_QUEUE, MetadataStore
@@ -85,6 +87,8 @@ class WriteResult:
     etag: str
     """Hex MD5 of the body (unquoted)."""
     md5: bytes = field(repr=False, default=b"")
+    unrecorded: tuple[ChunkRef, WrittenChunk] | None = field(repr=False, default=None)
+    """Chunk 0, stored but not recorded (``ChunkedWriter.write(record_identity=False)``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,8 +185,14 @@ class ChunkedWriter:
         etag: str | None = None,
         body_md5: bool = True,
         late_metadata: Callable[[], Mapping[str, str]] | None = None,
+        record_identity: bool = True,
     ) -> WriteResult:
         """Stream ``body`` into chunks of ``version`` (already begun, UPLOADING).
+
+        Without ``record_identity`` chunk 0 (written last, with the identity) is stored
+        but not recorded: it comes back as ``WriteResult.unrecorded`` for the caller to
+        record with its commit (``ObjectService.put_object`` of a one-chunk body; the
+        version then need not exist in the store yet). On error its blobs are removed.
 
         ``late_metadata()``, when given, replaces the version's user metadata in chunk 0's
         identity (known only once the body is read, e.g. a file's mtime).
@@ -204,7 +214,7 @@ class ChunkedWriter:
         md5 = hashlib.md5()
         prefix = self.prefix(version.bucket, version.key)
         slots = asyncio.Semaphore(self._write_ahead)
-        pending: set[asyncio.Task[None]] = set()
+        pending: set[asyncio.Task[tuple[ChunkRef, WrittenChunk] | None]] = set()
         md5_chain: asyncio.Task[None] | None = None
         held: tuple[bytearray | HeadroomBuffer, asyncio.Future[bytes]] | None = None
         index = 0
@@ -312,6 +322,7 @@ class ChunkedWriter:
             else:
                 joined = b"".join([await d for d in digests])
                 body_etag = f"{hashlib.md5(joined).hexdigest()}-{index}"
+            unrecorded: tuple[ChunkRef, WrittenChunk] | None = None
             if held is not None:
                 data, digest = held
                 ident = ObjectIdentity(
@@ -323,12 +334,18 @@ class ChunkedWriter:
                     headers={**version.headers, **(late_headers() if late_headers else {})},
                     user_metadata=late_metadata() if late_metadata else version.user_metadata,
                 )
-                await self._write_one(version, prefix, 0, 0, data, digest, ident)
+                unrecorded = await self._write_one(
+                    version, prefix, 0, 0, data, digest, ident, record=record_identity
+                )
                 held = None
                 if isinstance(data, HeadroomBuffer):
                     pool.give(data.buf)
             return WriteResult(
-                version.version_id, offset, body_etag, md5.digest() if body_md5 else b""
+                version.version_id,
+                offset,
+                body_etag,
+                md5.digest() if body_md5 else b"",
+                unrecorded,
             )
         except BaseException:
             # Let chunk writes in flight finish and record themselves (at most
@@ -351,7 +368,10 @@ class ChunkedWriter:
         data: bytearray | HeadroomBuffer,
         digest: Awaitable[bytes],
         identity: ObjectIdentity | None,
-    ) -> None:
+        *,
+        record: bool = True,
+    ) -> tuple[ChunkRef, WrittenChunk] | None:
+        """Store one chunk and record it; without ``record``, return it unrecorded."""
         chunk_id = new_sortable_id()
         header = ChunkHeader(
             chunk_id=chunk_id,
@@ -364,7 +384,11 @@ class ChunkedWriter:
         written = await self._chunks.write_chunk(
             header, data, chunk_blob_key(prefix, version.version_id, index), bucket=version.bucket
         )
-        await self.record(version.version_id, ChunkRef(index, offset, len(data), chunk_id), written)
+        ref = ChunkRef(index, offset, len(data), chunk_id)
+        if not record:
+            return ref, written
+        await self.record(version.version_id, ref, written)
+        return None
 
     async def write_chunk(
         self, version: ObjectVersion, index: int, offset: int, data: bytearray
@@ -416,6 +440,7 @@ class ObjectService:
         self.tombstones = tombstones
         """Deletes write tombstones, so the fallback never brings a deleted key back."""
         self._read_ahead = max(1, read_ahead)
+        self._chunk_size = chunk_size
         self.writer = ChunkedWriter(
             store,
             chunks,
@@ -509,9 +534,26 @@ class ObjectService:
         ``precondition`` (If-None-Match / If-Match) is checked atomically at commit:
         ``PreconditionFailed`` leaves the key as it was.
 
+        A body of at most one chunk with a known ``size`` takes two store transactions
+        instead of four: its chunk is stored (reserving quota), then the version is
+        recorded and committed at once (``MetadataStore.put_version``).
+
         Raises ``NoSuchBucket``, ``InvalidObjectName``, ``IncompleteBody``, ``BadDigest``
         (Content-MD5), ``NoCapacity``, ``BackendsUnavailable``, ``MetadataUnavailable``.
         """
+        if size is not None and size <= self._chunk_size:
+            return await self._put_one_chunk(
+                bucket,
+                key,
+                body,
+                size=size,
+                headers=headers,
+                user_metadata=user_metadata,
+                content_md5=content_md5,
+                late_headers=late_headers,
+                precondition=precondition,
+                late_metadata=late_metadata,
+            )
         version = await self.begin(
             bucket, key, kind=VersionKind.OBJECT, headers=headers, user_metadata=user_metadata
         )
@@ -546,6 +588,91 @@ class ObjectService:
             await self.abort(version.version_id)
             raise
         return result
+
+    async def _put_one_chunk(
+        self,
+        bucket: str,
+        key: str,
+        body: AsyncIterable[bytes | bytearray],
+        *,
+        size: int,
+        headers: Mapping[str, str] | None,
+        user_metadata: Mapping[str, str] | None,
+        content_md5: bytes | None,
+        late_headers: Callable[[], Mapping[str, str]] | None,
+        precondition: WritePrecondition | None,
+        late_metadata: Callable[[], Mapping[str, str]] | None,
+    ) -> WriteResult:
+        """``put_object`` of a one-chunk body: the version exists in the store only once
+        committed. On failure the chunk's blobs are removed unless the version turns out
+        committed (a cancellation that arrived after the commit)."""
+        check_key(key)
+        version = ObjectVersion(
+            new_sortable_id(),
+            bucket,
+            key,
+            VersionState.UPLOADING,
+            VersionKind.OBJECT,
+            utcnow(),
+            headers=dict(headers or {}),
+            user_metadata=dict(user_metadata or {}),
+        )
+        stored: WrittenChunk | None = None
+        try:
+            result = await self.writer.write(
+                version,
+                body,
+                size=size,
+                identity=True,
+                late_headers=late_headers,
+                late_metadata=late_metadata,
+                record_identity=False,
+            )
+            assert result.unrecorded is not None
+            ref, stored = result.unrecorded
+            if content_md5 is not None and content_md5 != result.md5:
+                raise BadDigest("the Content-MD5 you specified did not match what was received")
+            extra = late_headers() if late_headers else {}
+            try:
+                await self._store.put_version(
+                    version.version_id,
+                    bucket,
+                    key,
+                    ref=ref,
+                    chunk=stored.chunk,
+                    locations=stored.locations,
+                    size=result.size,
+                    etag=result.etag,
+                    headers={**version.headers, **extra},
+                    user_metadata=late_metadata() if late_metadata else version.user_metadata,
+                    precondition=precondition,
+                )
+            except meta_errors.PreconditionFailed as exc:
+                raise PreconditionFailed(str(exc)) from exc
+            except NotFound as exc:
+                raise NoSuchBucket(bucket) from exc
+            except StoreUnavailable as exc:
+                raise MetadataUnavailable(str(exc)) from exc
+        except BaseException:
+            await _cleanup(self._undo_one_chunk(version.version_id, stored))
+            raise
+        await queue_missing_replicas(self._store, stored)
+        return result
+
+    async def _undo_one_chunk(self, version_id: str, stored: WrittenChunk | None) -> None:
+        """Release the reservations of a failed one-chunk put and delete its blobs, unless
+        the version was committed after all. Never raises (the janitor releases stale
+        reservations)."""
+        try:
+            await self._store.abort_version(version_id)
+        except Conflict:
+            return  # committed: its blobs are the version's
+        except Exception as exc:
+            log.warning("could not abort version %s (the janitor will): %s", version_id, exc)
+            return  # unknown outcome: a leftover blob is safer than a missing one
+        for location, _ in stored.locations if stored is not None else ():
+            with contextlib.suppress(Exception):
+                await self.chunks.delete_blob(location.backend, location.blob_key)
 
     async def withdraw(self, version_id: str) -> None:
         """Abort a version that definitely failed after its chunk 0 was written (bad

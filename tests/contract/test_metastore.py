@@ -1016,3 +1016,86 @@ async def test_tombstones_replace_each_other_and_are_dropped(
     assert not await pool.drop_tombstone(ta.version_id)
     assert {t.key for t in await pool.list_tombstones()} == {"k", "b"}
     assert ta.chunk.chunk_id in await gc_ids(pool, clock)
+
+
+async def test_put_version_records_and_commits_a_one_chunk_object_at_once(
+    pool: SqlMetadataStore,
+) -> None:
+    old = await put_object(pool, "bk", "one", ["c0"])
+    vid = new_sortable_id()
+    res = await pool.reserve("b1", 132, owner=vid)
+    assert res is not None
+    result = await pool.put_version(
+        vid,
+        "bk",
+        "one",
+        ref=ChunkRef(0, 0, 100, "c1"),
+        chunk=chunk("c1"),
+        locations=[(Location("c1", "b1", "blobs/c1", 132), res.reservation_id)],
+        size=100,
+        etag="e1",
+        headers={"Content-Type": "text/plain"},
+        user_metadata={"mode": "33188"},
+    )
+    assert result.is_current and result.replaced_version_id == old
+    current = await pool.get_current("bk", "one")
+    assert current is not None
+    assert (current.version_id, current.state, current.size, current.etag) == (
+        vid,
+        VersionState.COMPLETE,
+        100,
+        "e1",
+    )
+    assert current.headers == {"Content-Type": "text/plain"}
+    assert current.user_metadata == {"mode": "33188"}
+    layout = await pool.get_layout(vid)
+    assert [(p.chunk.chunk_id, p.chunk.refcount) for p in layout] == [("c1", 1)]
+    assert [loc.blob_key for loc in layout[0].locations] == ["blobs/c1"]
+    space = {s.name: s for s in await pool.get_space()}["b1"]
+    assert space.reserved_bytes == 0  # the reservation became usage
+    with pytest.raises(Conflict):
+        await pool.abort_version(vid)  # committed: only UPLOADING versions abort
+
+
+async def test_put_version_records_nothing_when_it_fails(
+    pool: SqlMetadataStore, clock: FakeClock
+) -> None:
+    from appliance.meta.errors import PreconditionFailed
+    from appliance.meta.models import WritePrecondition
+
+    await put_object(pool, "bk", "taken", ["c0"])
+    used = {s.name: s for s in await pool.get_space()}["b1"].used_bytes
+
+    async def attempt(vid: str, bucket: str, key: str, cid: str, **kw: object) -> None:
+        res = await pool.reserve("b1", 132, owner=vid)
+        assert res is not None
+        await pool.put_version(
+            vid,
+            bucket,
+            key,
+            ref=ChunkRef(0, 0, 100, cid),
+            chunk=chunk(cid),
+            locations=[(Location(cid, "b1", f"blobs/{cid}", 132), res.reservation_id)],
+            size=100,
+            etag="e",
+            **kw,  # type: ignore[arg-type]
+        )
+
+    v1, v2 = new_sortable_id(), new_sortable_id()
+    with pytest.raises(NotFound):
+        await attempt(v1, "nobucket", "k", "c1")
+    with pytest.raises(PreconditionFailed):
+        await attempt(v2, "bk", "taken", "c2", precondition=WritePrecondition(if_none_match=True))
+    for vid, cid in ((v1, "c1"), (v2, "c2")):
+        assert await pool.get_version(vid) is None
+        assert await pool.get_chunk_replicas(cid) is None
+    space = {s.name: s for s in await pool.get_space()}["b1"]
+    assert (space.used_bytes, space.reserved_bytes) == (used, 264)
+    clock.advance(3600)
+    assert await pool.list_stale_versions(clock.now) == []  # nothing for the janitor
+    for vid in (v1, v2):  # the caller's abort releases the reservations
+        assert await pool.abort_version(vid) == ()
+    space = {s.name: s for s in await pool.get_space()}["b1"]
+    assert (space.used_bytes, space.reserved_bytes) == (used, 0)
+    taken = await pool.get_current("bk", "taken")
+    assert taken is not None and taken.etag.startswith("etag-")

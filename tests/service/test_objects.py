@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator
@@ -14,15 +15,20 @@ from appliance.build import Pool, open_pool
 from appliance.clock import month_of, utcnow
 from appliance.config import parse_config
 from appliance.errors import (
+    BadDigest,
     EntityTooSmall,
     IncompleteBody,
     InvalidPart,
     InvalidPartOrder,
+    MetadataUnavailable,
     NoCapacity,
     NoSuchBucket,
     NoSuchKey,
     NoSuchUpload,
+    PreconditionFailed,
 )
+from appliance.meta.errors import StoreUnavailable
+from appliance.meta.models import WritePrecondition
 from appliance.services.multipart import MultipartService
 
 pytestmark = pytest.mark.service
@@ -130,6 +136,66 @@ async def test_errors(pool: Pool) -> None:
     with pytest.raises(NoSuchKey):
         await objects.head_object("bkt", "short")
     assert all(s.reserved_bytes == 0 for s in await pool.store.get_space())
+
+
+def blob_files(tmp_path: Path) -> set[Path]:
+    return {
+        p for p in tmp_path.glob("d*/**/*") if p.is_file() and not p.name.startswith(".cairn-tmp")
+    }
+
+
+class CommitFault:
+    """The real store, with ``put_version`` failing before or after it commits."""
+
+    def __init__(self, inner: Any, *, after: bool) -> None:
+        self._inner = inner
+        self._after = after
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def put_version(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._after:
+            raise StoreUnavailable("the database went away")
+        await self._inner.put_version(*args, **kwargs)
+        raise asyncio.CancelledError  # the client left just after the commit
+
+
+async def test_a_failed_one_chunk_put_leaves_no_blob_and_no_reservation(
+    pool: Pool, tmp_path: Path
+) -> None:
+    objects = pool.objects
+    await objects.put_object("bkt", "k", body(b"first"), size=5)
+    before = blob_files(tmp_path)
+    assert len(before) == 1
+    with pytest.raises(NoSuchBucket):
+        await objects.put_object("nope", "k", body(b"x"), size=1)
+    with pytest.raises(BadDigest):
+        await objects.put_object(
+            "bkt", "k", body(b"abc"), size=3, content_md5=hashlib.md5(b"abd").digest()
+        )
+    with pytest.raises(PreconditionFailed):
+        await objects.put_object(
+            "bkt", "k", body(b"abc"), size=3, precondition=WritePrecondition(if_none_match=True)
+        )
+    with pytest.raises(IncompleteBody):
+        await objects.put_object("bkt", "k", body(b"abc"), size=4)
+    store = objects._store
+    objects._store = CommitFault(store, after=False)  # type: ignore[assignment]
+    with pytest.raises(MetadataUnavailable):
+        await objects.put_object("bkt", "k", body(b"abc"), size=3)
+    objects._store = store
+    assert blob_files(tmp_path) == before
+    assert all(s.reserved_bytes == 0 for s in await pool.store.get_space())
+    assert await read_all(pool, "k") == b"first"
+
+    # cancelled once committed: the new version and its blob stay
+    objects._store = CommitFault(store, after=True)  # type: ignore[assignment]
+    with pytest.raises(asyncio.CancelledError):
+        await objects.put_object("bkt", "k", body(b"second"), size=6)
+    objects._store = store
+    assert await read_all(pool, "k") == b"second"
+    assert len(blob_files(tmp_path) - before) == 1
 
 
 async def test_object_larger_than_any_backend_spans_backends(database: Any, tmp_path: Path) -> None:
