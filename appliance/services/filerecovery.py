@@ -43,11 +43,20 @@ class FileRecovery(FileMeta):
                 out.append(Recovered("?", "?", None, 0, f"{journal}: unreadable: {exc}"))
                 continue
             out.append(await self._recover_one(spool))
-        for stray in self._spool_dir.glob("*.data"):
-            if not stray.with_suffix(".json").exists():
-                # the spool of a file unlinked while open: nothing to keep
+        for data in sorted(self._spool_dir.glob("*.data")):
+            if data.with_suffix(".json").exists():
+                continue  # recovered above, or kept after it failed
+            try:
+                left = Spool.load_data(data)
+            except (OSError, ValueError, KeyError) as exc:
+                out.append(Recovered("?", "?", None, 0, f"{data}: unreadable: {exc}"))
+                continue
+            if left is None:
+                # no journal: the spool of a file unlinked while open, nothing to keep
                 with contextlib.suppress(OSError):
-                    stray.unlink()
+                    data.unlink()
+                continue
+            out.append(await self._recover_one(left))
         return out
 
     async def _recover_rename(self, path: Path) -> Recovered:

@@ -1,12 +1,15 @@
 """The local spool of a file being written through the mount (DESIGN section 7).
 
-Each file with uncommitted writes has two files in the spool directory:
+Each file with uncommitted writes has, in the spool directory:
 
 - ``<id>.data``: a sparse file as long as the file's current size; it holds every byte
   written since the last commit (and copies of base bytes next to them);
-- ``<id>.json``: the journal: bucket, key, the version the writes started from
-  (``base_version``), how much of it still counts (``base_size``), which chunks hold
-  spool data (``dirty``) and the pending POSIX attributes (``meta``, ``headers``).
+- the journal: bucket, key, the version the writes started from (``base_version``), how
+  much of it still counts (``base_size``), which chunks hold spool data (``dirty``) and
+  the pending POSIX attributes (``meta``, ``headers``). It is the data file's extended
+  attribute ``user.cairn.spool`` when the file system has them and the journal fits in
+  ``XATTR_LIMIT`` bytes (one file less to create and remove per small file written,
+  replaced atomically by ``setxattr``), else ``<id>.json`` (which wins when both exist).
 
 The file's bytes are: for a chunk index in ``dirty``, or at or past ``base_size``, the
 spool's bytes; otherwise the base version's. So a commit reuses every base chunk range
@@ -19,6 +22,7 @@ which ``FileService.recover`` commits at the next mount.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 from collections.abc import Mapping
@@ -27,6 +31,10 @@ from pathlib import Path
 from typing import Any
 
 JOURNAL_VERSION = 1
+JOURNAL_XATTR = "user.cairn.spool"
+XATTR_LIMIT = 2048
+"""Journals larger than this go to ``<id>.json`` (a file system's xattr space is small)."""
+_NO_XATTR = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.E2BIG, errno.ENOSPC, errno.ERANGE}
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -60,6 +68,10 @@ class Spool:
     dirty: set[int] = field(default_factory=set)
     size: int = 0
     _fd: int = -1
+    journal_in_xattr: bool = False
+    """Where the journal is: the data file's xattr, or ``journal_path``."""
+    attached: bool = True
+    """False once ``detach`` dropped the journal (the file was unlinked)."""
 
     # -- files ------------------------------------------------------------------------
     @property
@@ -102,12 +114,14 @@ class Spool:
         try:
             if base_size:
                 os.ftruncate(spool._fd, base_size)
-            # a new journal needs no temporary file: none existed before this write
-            fd = os.open(spool.journal_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                _write_all(fd, spool._journal_doc())
-            finally:
-                os.close(fd)
+            doc = spool._journal_doc()
+            if not spool._set_xattr(doc):
+                # a new journal needs no temporary file: none existed before this write
+                fd = os.open(spool.journal_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    _write_all(fd, doc)
+                finally:
+                    os.close(fd)
         except BaseException:
             spool.remove()
             raise
@@ -115,14 +129,31 @@ class Spool:
 
     @classmethod
     def load(cls, journal: Path) -> Spool:
-        """Reopen a spool left by an earlier process. Raises ``OSError`` and
-        ``ValueError`` (an unreadable journal)."""
-        doc: dict[str, Any] = json.loads(journal.read_text(encoding="utf-8"))
+        """Reopen a spool left by an earlier process from its ``<id>.json`` journal.
+        Raises ``OSError`` and ``ValueError`` (an unreadable journal)."""
+        return cls._from_doc(journal, journal.read_bytes(), in_xattr=False)
+
+    @classmethod
+    def load_data(cls, data: Path) -> Spool | None:
+        """Reopen a spool left by an earlier process from the journal in its data file's
+        xattr; None when it has none (a file unlinked while open, or a process that died
+        before its first write). Raises ``OSError`` and ``ValueError``."""
+        try:
+            raw = os.getxattr(data, JOURNAL_XATTR)
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, *_NO_XATTR):
+                return None
+            raise
+        return cls._from_doc(data, raw, in_xattr=True)
+
+    @classmethod
+    def _from_doc(cls, path: Path, raw: bytes, *, in_xattr: bool) -> Spool:
+        doc: dict[str, Any] = json.loads(raw.decode("utf-8"))
         if doc.get("journal") != JOURNAL_VERSION:
-            raise ValueError(f"{journal}: unknown journal version {doc.get('journal')!r}")
+            raise ValueError(f"{path}: unknown journal version {doc.get('journal')!r}")
         spool = cls(
-            journal.parent,
-            journal.stem,
+            path.parent,
+            path.stem,
             int(doc["chunk_size"]),
             str(doc["bucket"]),
             str(doc["key"]),
@@ -131,6 +162,7 @@ class Spool:
             {str(k): str(v) for k, v in doc["meta"].items()},
             {str(k): str(v) for k, v in doc["headers"].items()},
             {int(i) for i in doc["dirty"]},
+            journal_in_xattr=in_xattr,
         )
         spool._fd = os.open(spool.data_path, os.O_RDWR)
         spool.size = os.fstat(spool._fd).st_size
@@ -151,11 +183,32 @@ class Spool:
         }
         return json.dumps(doc, sort_keys=True).encode("utf-8")
 
+    def _set_xattr(self, doc: bytes) -> bool:
+        """Store the journal in the data file's xattr; False when it cannot be there."""
+        if len(doc) > XATTR_LIMIT:
+            return False
+        try:
+            os.setxattr(self._fd, JOURNAL_XATTR, doc)
+        except OSError as exc:
+            if exc.errno in _NO_XATTR:
+                return False
+            raise
+        self.journal_in_xattr = True
+        return True
+
     def save(self) -> None:
-        """Write the journal atomically (temporary file, then rename)."""
+        """Write the journal atomically: a new xattr value, or a temporary file renamed
+        over ``<id>.json`` (then the xattr, if any, is dropped: the file wins)."""
+        doc = self._journal_doc()
+        if self.journal_in_xattr and self._set_xattr(doc):
+            return
         tmp = self.journal_path.with_suffix(".tmp")
-        tmp.write_bytes(self._journal_doc())
+        tmp.write_bytes(doc)
         os.replace(tmp, self.journal_path)
+        if self.journal_in_xattr:
+            self.journal_in_xattr = False
+            with contextlib.suppress(OSError):
+                os.removexattr(self._fd, JOURNAL_XATTR)
 
     def close(self) -> None:
         """Close the data file, keeping both files (for recovery); idempotent."""
@@ -167,11 +220,16 @@ class Spool:
     def detach(self) -> None:
         """Delete the journal only: the data stays readable through this object but
         is never recovered (the file was unlinked)."""
+        self.attached = False
+        if self.journal_in_xattr:
+            with contextlib.suppress(OSError):
+                os.removexattr(self._fd, JOURNAL_XATTR)
+            self.journal_in_xattr = False
         with contextlib.suppress(FileNotFoundError):
             self.journal_path.unlink()
 
     def save_if_attached(self) -> None:
-        if self.journal_path.exists():
+        if self.attached:
             self.save()
 
     def remove(self) -> None:

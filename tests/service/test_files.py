@@ -248,8 +248,14 @@ async def test_spool_recovery_commits_what_a_dead_process_left(
     await files.write(node, CHUNK + 1, b"NEW")
     fresh = await files.create(BUCKET, "fresh.bin", 0o600, 7, 7)
     await files.write(fresh, 0, b"fresh bytes")
+    noted = await files.create(BUCKET, "noted.bin", 0o600, 7, 7)
+    await files.write(noted, 0, b"noted")
+    # a journal too large for the data file's xattr goes to <id>.json
+    await files.set_xattr(BUCKET, "noted.bin", "notes", "n" * 3000)
+    assert noted.spool is not None and not noted.spool.journal_in_xattr
+    assert fresh.spool is not None and fresh.spool.journal_in_xattr
     # the process dies here: nothing committed, the spool stays
-    for n in (node, fresh):
+    for n in (node, fresh, noted):
         assert n.spool is not None
         n.spool.close()
     again = make_file_service(pool)
@@ -257,7 +263,11 @@ async def test_spool_recovery_commits_what_a_dead_process_left(
     assert sorted((r.key, r.committed_as, r.size) for r in report) == [
         ("base.bin", "base.bin", CHUNK * 3),
         ("fresh.bin", "fresh.bin", 11),
+        ("noted.bin", "noted.bin", 5),
     ]
+    assert (await pool.objects.head_object(BUCKET, "noted.bin")).user_metadata[
+        "notes"
+    ] == "n" * 3000
     expected = bytearray(data)
     expected[CHUNK + 1 : CHUNK + 4] = b"NEW"
     assert await read_all(pool, "base.bin") == bytes(expected)

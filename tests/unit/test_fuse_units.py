@@ -18,7 +18,7 @@ from appliance.services.fileattrs import (
     parse_time,
     xattrs,
 )
-from appliance.services.spool import Segment, Spool
+from appliance.services.spool import XATTR_LIMIT, Segment, Spool
 from frontends.fuse.errnos import errno_of
 from frontends.fuse.inodes import ROOT, InodeTable
 
@@ -72,18 +72,51 @@ def test_truncate_keeps_base_up_to_the_cut_and_zeros_after(tmp_path: Path) -> No
     assert s.pread(150, 10) == bytes(10)
 
 
-def test_journal_round_trip(tmp_path: Path) -> None:
+def test_journal_round_trip_in_the_data_files_xattr(tmp_path: Path) -> None:
     s = spool(tmp_path, 450)
+    assert s.journal_in_xattr  # ext4/tmpfs/xfs: no second file per spool
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s1.data"]
     s.mark_dirty(120, 130)
     s.pwrite(120, b"abc")
     s.close()
-    again = Spool.load(tmp_path / "s1.json")
+    again = Spool.load_data(tmp_path / "s1.data")
+    assert again is not None and again.journal_in_xattr
     assert (again.bucket, again.key, again.base_version) == ("b", "k", "v1")
     assert (again.dirty, again.size, again.meta) == ({1}, 450, {"mode": "33188"})
     assert again.pread(120, 3) == b"abc"
     again.detach()
+    assert Spool.load_data(tmp_path / "s1.data") is None  # never recovered now
+    again.save_if_attached()  # a detached spool keeps no journal
+    assert Spool.load_data(tmp_path / "s1.data") is None
+    again.remove()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_journal_too_large_for_an_xattr_moves_to_its_file(tmp_path: Path) -> None:
+    s = spool(tmp_path, 0)
+    s.meta["user.notes"] = "n" * (XATTR_LIMIT + 1)  # a large user.* xattr of the file
+    s.save()
+    assert not s.journal_in_xattr
+    assert Spool.load_data(tmp_path / "s1.data") is None  # the xattr was dropped
+    s.close()
+    again = Spool.load(tmp_path / "s1.json")
+    assert again.meta["user.notes"] == "n" * (XATTR_LIMIT + 1)
+    again.detach()
     assert not (tmp_path / "s1.json").exists()
     again.remove()
+    big = Spool.create(
+        tmp_path,
+        "s2",
+        CS,
+        bucket="b",
+        key="k",
+        base_version=None,
+        base_size=0,
+        meta={"user.notes": "n" * XATTR_LIMIT},
+        headers={},
+    )
+    assert not big.journal_in_xattr and (tmp_path / "s2.json").exists()
+    big.remove()
     assert list(tmp_path.iterdir()) == []
 
 
