@@ -27,4 +27,5 @@ def from_micros(value: int) -> datetime:
 
 def month_of(moment: datetime) -> str:
     """Return the UTC calendar month of ``moment`` as ``YYYY-MM`` (usage-counter period)."""
-    return moment.astimezone(UTC).strftime("%Y-%m")
+    utc = moment.astimezone(UTC)
+    return f"{utc.year:04d}-{utc.month:02d}"  # strftime costs ~10x more, per backend call

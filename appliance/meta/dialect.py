@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ class Dialect:
         """Rewrite ``$n`` placeholders into this database's numbered form."""
         if self.numbered_param == "$":
             return query
-        return _PLACEHOLDER.sub(lambda m: f"{self.numbered_param}{m.group(1)}", query)
+        return _numbered(query, self.numbered_param)
 
     def render_migration(self, text: str) -> str:
         """Fill a migration's ``{{ID}}``, ``{{BLOB}}`` and ``{{KEY}}`` slots."""
@@ -35,6 +36,13 @@ class Dialect:
             .replace("{{BLOB}}", self.blob_type)
             .replace("{{KEY}}", self.key_type)
         )
+
+
+@functools.lru_cache(maxsize=2048)
+def _numbered(query: str, param: str) -> str:
+    """``query`` with ``$n`` written ``<param>n`` (memoized: the store's queries are a
+    fixed set of strings, rewritten on every statement otherwise)."""
+    return _PLACEHOLDER.sub(lambda m: f"{param}{m.group(1)}", query)
 
 
 SQLITE = Dialect(

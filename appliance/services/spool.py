@@ -72,6 +72,8 @@ class Spool:
     """Where the journal is: the data file's xattr, or ``journal_path``."""
     attached: bool = True
     """False once ``detach`` dropped the journal (the file was unlinked)."""
+    journal_file: bool = False
+    """Whether ``journal_path`` may exist (written here, or loaded from)."""
 
     # -- files ------------------------------------------------------------------------
     @property
@@ -117,6 +119,7 @@ class Spool:
             doc = spool._journal_doc()
             if not spool._set_xattr(doc):
                 # a new journal needs no temporary file: none existed before this write
+                spool.journal_file = True
                 fd = os.open(spool.journal_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
                     _write_all(fd, doc)
@@ -163,6 +166,7 @@ class Spool:
             {str(k): str(v) for k, v in doc["headers"].items()},
             {int(i) for i in doc["dirty"]},
             journal_in_xattr=in_xattr,
+            journal_file=not in_xattr,
         )
         spool._fd = os.open(spool.data_path, os.O_RDWR)
         spool.size = os.fstat(spool._fd).st_size
@@ -205,6 +209,7 @@ class Spool:
         tmp = self.journal_path.with_suffix(".tmp")
         tmp.write_bytes(doc)
         os.replace(tmp, self.journal_path)
+        self.journal_file = True
         if self.journal_in_xattr:
             self.journal_in_xattr = False
             with contextlib.suppress(OSError):
@@ -225,8 +230,9 @@ class Spool:
             with contextlib.suppress(OSError):
                 os.removexattr(self._fd, JOURNAL_XATTR)
             self.journal_in_xattr = False
-        with contextlib.suppress(FileNotFoundError):
-            self.journal_path.unlink()
+        if self.journal_file:
+            with contextlib.suppress(FileNotFoundError):
+                self.journal_path.unlink()
 
     def save_if_attached(self) -> None:
         if self.attached:
@@ -238,9 +244,10 @@ class Spool:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = -1
-        for path in (self.journal_path, self.data_path):  # no journal, no recovery
+        # the journal first: a data file without one is never recovered
+        for path in (self.journal_path,) * self.journal_file + (self.data_path,):
             with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+                os.unlink(path)
 
     # -- bytes ------------------------------------------------------------------------
     def pread(self, offset: int, length: int) -> bytes:
