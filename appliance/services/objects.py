@@ -192,7 +192,7 @@ class ChunkedWriter:
         Without ``record_identity`` chunk 0 (written last, with the identity) is stored
         but not recorded: it comes back as ``WriteResult.unrecorded`` for the caller to
         record with its commit (``ObjectService.put_object`` of a one-chunk body; the
-        version then need not exist in the store yet). On error its blobs are removed.
+        version then need not exist in the store yet), and to delete if that fails.
 
         ``late_metadata()``, when given, replaces the version's user metadata in chunk 0's
         identity (known only once the body is read, e.g. a file's mtime).

@@ -202,7 +202,10 @@ class Spool:
 
     def save(self) -> None:
         """Write the journal atomically: a new xattr value, or a temporary file renamed
-        over ``<id>.json`` (then the xattr, if any, is dropped: the file wins)."""
+        over ``<id>.json`` (then the xattr, if any, is dropped: the file wins). A
+        detached spool keeps no journal: it must never be recovered."""
+        if not self.attached:
+            return
         doc = self._journal_doc()
         if self.journal_in_xattr and self._set_xattr(doc):
             return
@@ -235,8 +238,8 @@ class Spool:
                 self.journal_path.unlink()
 
     def save_if_attached(self) -> None:
-        if self.attached:
-            self.save()
+        """``save`` (kept for the callers that name the condition)."""
+        self.save()
 
     def remove(self) -> None:
         """Close and delete both files; idempotent."""
@@ -245,7 +248,8 @@ class Spool:
                 os.close(self._fd)
             self._fd = -1
         # the journal first: a data file without one is never recovered
-        for path in (self.journal_path,) * self.journal_file + (self.data_path,):
+        paths = [self.journal_path, self.data_path] if self.journal_file else [self.data_path]
+        for path in paths:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
