@@ -224,8 +224,7 @@ class _FileStream:
         if fut is not None and not fut.done():  # a read still runs in its thread: wait for it
 
             def _close_after(f: asyncio.Future[bytes]) -> None:
-                if not f.cancelled():
-                    f.exception()  # retrieved, so asyncio does not log it
+                _retrieve(f)
                 os.close(fd)
 
             fut.add_done_callback(_close_after)
@@ -334,8 +333,7 @@ class LocalBackend:
             if busy is not None and not busy.done():  # cancelled while a thread uses the fd
 
                 def _discard_after(f: asyncio.Future[Any]) -> None:
-                    if not f.cancelled():
-                        f.exception()  # retrieved, so asyncio does not log it
+                    _retrieve(f)
                     self._discard(tmp, path)
 
                 busy.add_done_callback(_discard_after)

@@ -78,11 +78,7 @@ class FileDirs(FileWrites):
         parent = await self._check_new(bucket, path)
         attr = self._new_attr(stat.S_IFDIR | stat.S_IMODE(mode), uid, gid, parent)
         self._dir_changed(bucket, path)
-        with self._changing(bucket, path) as change:
-            version = await self._put_small(bucket, dir_key(path), b"", attr, {})
-            made = self._file_attr(version, directory=True)
-            change.exists(made)
-        return made
+        return await self._make_entry(bucket, path, b"", attr, directory=True)
 
     async def mknod(
         self, bucket: str, path: str, mode: int, rdev: int, uid: int, gid: int
@@ -93,18 +89,24 @@ class FileDirs(FileWrites):
             mode |= stat.S_IFREG
         parent = await self._check_new(bucket, path)
         attr = self._new_attr(mode, uid, gid, parent, rdev)
-        with self._changing(bucket, path) as change:
-            made = self._file_attr(await self._put_small(bucket, path, b"", attr, {}))
-            change.exists(made)
-        return made
+        return await self._make_entry(bucket, path, b"", attr)
 
     async def symlink(self, bucket: str, path: str, target: str, uid: int, gid: int) -> FileAttr:
         """Create a symbolic link (the object's body is the target)."""
         parent = await self._check_new(bucket, path)
         attr = self._new_attr(stat.S_IFLNK | 0o777, uid, gid, parent)
         body = target.encode("utf-8", "surrogateescape")
+        return await self._make_entry(bucket, path, body, attr)
+
+    async def _make_entry(
+        self, bucket: str, path: str, body: bytes, attr: FileAttr, *, directory: bool = False
+    ) -> FileAttr:
+        """Store a new directory marker, link or special file and tell the name cache."""
         with self._changing(bucket, path) as change:
-            made = self._file_attr(await self._put_small(bucket, path, body, attr, {}))
+            key = dir_key(path) if directory else path
+            made = self._file_attr(
+                await self._put_small(bucket, key, body, attr, {}), directory=directory
+            )
             change.exists(made)
         return made
 
@@ -256,7 +258,7 @@ class FileDirs(FileWrites):
                 self._open[(node.bucket, node.key)] = node
                 if node.spool is not None:
                     node.spool.bucket, node.spool.key = node.bucket, node.key
-                    node.spool.save_if_attached()
+                    node.spool.save()
         journal = await asyncio.to_thread(
             RenameJournal.create, self._spool_dir, new_sortable_id(), bucket, old, dst_bucket, new
         )

@@ -104,7 +104,7 @@ class FileMeta(FileDirs):
                 node.meta_dirty = True
                 if node.spool is not None:
                     node.spool.meta = encode(node.attr, node.xattrs)
-                    node.spool.save_if_attached()
+                    node.spool.save()
             return
         attr = await self.stat(bucket, path)
         extra = await self._current_meta(bucket, path, attr)

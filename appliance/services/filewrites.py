@@ -269,7 +269,7 @@ class FileWrites(FileCore):
             node.meta_dirty = True
             if node.spool is not None:
                 node.spool.meta = encode(new, node.xattrs)
-                node.spool.save_if_attached()
+                node.spool.save()
         return node.attr
 
     def _can_stream(self, node: OpenFile, spool: Spool) -> bool:

@@ -237,10 +237,6 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 self.journal_path.unlink()
 
-    def save_if_attached(self) -> None:
-        """``save`` (kept for the callers that name the condition)."""
-        self.save()
-
     def remove(self) -> None:
         """Close and delete both files; idempotent."""
         if self._fd >= 0:

@@ -86,7 +86,7 @@ def test_journal_round_trip_in_the_data_files_xattr(tmp_path: Path) -> None:
     assert again.pread(120, 3) == b"abc"
     again.detach()
     assert Spool.load_data(tmp_path / "s1.data") is None  # never recovered now
-    again.save_if_attached()  # a detached spool keeps no journal
+    again.save()  # a detached spool keeps no journal
     assert again.mark_dirty(300, 310)  # a write to a clean chunk after the unlink
     again.truncate(440)
     assert Spool.load_data(tmp_path / "s1.data") is None
