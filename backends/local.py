@@ -420,7 +420,9 @@ class LocalBackend:
             )
         parent = os.path.dirname(path)
         for attempt in range(5):
-            self._check_no_symlink(path)
+            # no realpath here: _make_dirs lstats every existing directory on the way (a
+            # symlink is refused), the temp file is O_NOFOLLOW and the rename replaces a
+            # symlink at the blob's name instead of following it
             changed = self._make_dirs(parent)
             tmp_path = f"{parent}/{TEMP_PREFIX}{secrets.token_hex(8)}"
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -441,7 +443,12 @@ class LocalBackend:
                 os.mkdir(nxt)
                 changed.append(current)
             except FileExistsError:
-                if not stat.S_ISDIR(os.lstat(nxt).st_mode):
+                mode = os.lstat(nxt).st_mode
+                if stat.S_ISLNK(mode):
+                    raise InvalidBlobKey(
+                        f"{nxt[len(self._root) + 1 :]!r} is a symlink", backend=self._name
+                    ) from None
+                if not stat.S_ISDIR(mode):
                     raise PermanentBackendError(
                         f"{nxt[len(self._root) + 1 :]!r} is a blob, not a directory",
                         backend=self._name,

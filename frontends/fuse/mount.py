@@ -8,10 +8,12 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.services.files import FileService
+from frontends.fuse.readiness import install, uninstall
 
 log = logging.getLogger("cairn.fuse")
 
@@ -107,6 +109,8 @@ async def run_mount(
     except RuntimeError as exc:
         raise FuseUnavailable(f"cannot mount at {mountpoint}: {exc}") from exc
     log.info("mounted the pool at %s", mountpoint)
+    compat = sys.modules["pyfuse3.asyncio"]
+    readiness = install(compat, asyncio.get_running_loop())
     main = asyncio.ensure_future(pyfuse3.main(max_tasks=64))  # type: ignore[attr-defined]
 
     async def read_ahead_after_init() -> None:
@@ -133,6 +137,7 @@ async def run_mount(
                 main.cancel()
         with contextlib.suppress(BaseException):
             main.result()
+        uninstall(compat, readiness)
         await files.commit_all()
         pyfuse3.close(unmount=True)  # type: ignore[attr-defined]
         log.info("unmounted %s", mountpoint)
