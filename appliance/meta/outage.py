@@ -93,9 +93,9 @@ class OutageTolerantStore:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        key: Hashable = (name, args, tuple(sorted(kwargs.items())))
         cached = name in CACHED_READS and self._cache is not None
         if self._open_until is not None and self._monotonic() < self._open_until:
+            key: Hashable = _key(name, args, kwargs)
             return self._from_cache(key, cached, "the metadata store is unavailable")
         try:
             result = await method(*args, **kwargs)
@@ -103,11 +103,12 @@ class OutageTolerantStore:
             if self._open_until is None:
                 log.warning("metadata store unavailable, serving cached reads: %s", exc)
             self._open_until = self._monotonic() + self._retry
-            return self._from_cache(key, cached, str(exc))
+            return self._from_cache(_key(name, args, kwargs), cached, str(exc))
         if self._open_until is not None:
             log.info("metadata store available again")
             self._open_until = None
         if cached and self._cache is not None:
+            key = _key(name, args, kwargs)
             with contextlib.suppress(TypeError):  # unhashable arguments: not cached
                 if result is None:  # absence is never served from memory (it may be stale)
                     self._cache.pop(key, None)
@@ -125,3 +126,8 @@ class OutageTolerantStore:
                 self.served_from_cache += 1
                 return found
         raise StoreUnavailable(reason)
+
+
+def _key(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
+    """The cache key of a store call (built only when the cache is used)."""
+    return (name, args, tuple(sorted(kwargs.items())) if kwargs else ())

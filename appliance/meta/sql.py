@@ -470,24 +470,37 @@ class SqlMetadataStore(abc.ABC):
         kind: VersionKind,
         headers: Mapping[str, str] | None,
         user_metadata: Mapping[str, str] | None,
-    ) -> None:
+        *,
+        complete: tuple[int, str] | None = None,
+    ) -> int:
+        """Insert an UPLOADING version, or with ``complete`` = (size, etag) a COMPLETE
+        one (``put_version``: its chunk is recorded in the same transaction). Returns
+        its ``created_at``. Raises ``NotFound`` (no bucket), ``AlreadyExists``."""
         if await tx.fetchrow("SELECT 1 AS x FROM buckets WHERE name = $1", bucket) is None:
             raise NotFound(f"bucket {bucket!r} does not exist")
+        now = self._now()
+        state = VersionState.UPLOADING if complete is None else VersionState.COMPLETE
+        size, etag = (0, "") if complete is None else complete
         changed = await tx.execute(
             "INSERT INTO versions (version_id, bucket, key, kind, state, headers, "
-            "user_metadata, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
+            "user_metadata, created_at, size, etag, completed_at) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) "
             "ON CONFLICT (version_id) DO NOTHING",
             version_id,
             bucket,
             key,
             kind.value,
-            VersionState.UPLOADING.value,
+            state.value,
             _dumps(headers or {}),
             _dumps(user_metadata or {}),
-            self._now(),
+            now,
+            size,
+            etag,
+            None if complete is None else now,
         )
         if not changed:
             raise AlreadyExists(f"version {version_id} already exists")
+        return now
 
     async def _uploading(self, tx: Tx, version_id: str, kind: VersionKind | None = None) -> Row:
         row = await tx.fetchrow(
@@ -650,14 +663,18 @@ class SqlMetadataStore(abc.ABC):
         size: int,
         etag: str,
         precondition: WritePrecondition | None = None,
+        created_at: int | None = None,
     ) -> CommitResult:
         """Point the key at ``version`` if it is the newest; drop whichever loses.
+        ``version`` needs ``version_id``, ``bucket``, ``key`` and, unless given as
+        ``created_at``, ``created_at``.
 
         With a ``precondition`` the version must also become current, and the current
         object it replaces must match; otherwise ``PreconditionFailed``.
         """
         version_id = version["version_id"]
         bucket, key = version["bucket"], version["key"]
+        modified_at = version["created_at"] if created_at is None else created_at
         tomb = await tx.fetchrow(
             "SELECT version_id, chunk_id FROM tombstones WHERE bucket = $1 AND key = $2"
             f"{self.dialect.for_update}",
@@ -697,7 +714,7 @@ class SqlMetadataStore(abc.ABC):
             version_id,
             size,
             etag,
-            version["created_at"],
+            modified_at,
         )
         if inserted:
             return CommitResult(version_id, True, None, ())
@@ -723,7 +740,7 @@ class SqlMetadataStore(abc.ABC):
             version_id,
             size,
             etag,
-            version["created_at"],
+            modified_at,
         )
         freed = await self._drop_version(tx, current["version_id"])
         return CommitResult(version_id, True, current["version_id"], tuple(freed))
@@ -781,13 +798,21 @@ class SqlMetadataStore(abc.ABC):
         precondition: WritePrecondition | None = None,
     ) -> CommitResult:
         async def work(tx: Tx) -> CommitResult:
-            await self._insert_version(
-                tx, version_id, bucket, key, VersionKind.OBJECT, headers, user_metadata
+            # inserted COMPLETE at once: nothing outside this transaction sees it before
+            created_at = await self._insert_version(
+                tx,
+                version_id,
+                bucket,
+                key,
+                VersionKind.OBJECT,
+                headers,
+                user_metadata,
+                complete=(size, etag),
             )
             await self._record_chunk(tx, version_id, ref, chunk, locations)
-            row = await self._uploading(tx, version_id, VersionKind.OBJECT)
-            await self._complete(tx, version_id, size, etag, None, None)
-            return await self._make_current(tx, row, size, etag, precondition)
+            await self._release(tx, "owner = $1", version_id)
+            row = {"version_id": version_id, "bucket": bucket, "key": key}
+            return await self._make_current(tx, row, size, etag, precondition, created_at)
 
         return await self._run(work)
 

@@ -43,7 +43,8 @@ class FileRecovery(FileMeta):
                 out.append(Recovered("?", "?", None, 0, f"{journal}: unreadable: {exc}"))
                 continue
             out.append(await self._recover_one(spool))
-        for data in sorted(self._spool_dir.glob("*.data")):
+        inner = [*self._spool_dir.glob("*.spool"), *self._spool_dir.glob("*.data")]
+        for data in sorted(inner):
             if data.with_suffix(".json").exists():
                 continue  # recovered above, or kept after it failed
             try:

@@ -1,22 +1,26 @@
 """The local spool of a file being written through the mount (DESIGN section 7).
 
-Each file with uncommitted writes has, in the spool directory:
+Each file with uncommitted writes has, in the spool directory, ``<id>.spool``: a sparse
+file whose first ``HEADER_SIZE`` bytes hold the journal and the rest the file's bytes,
+as long as the file's current size; it holds every byte written since the last commit
+(and copies of base bytes next to them).
 
-- ``<id>.data``: a sparse file as long as the file's current size; it holds every byte
-  written since the last commit (and copies of base bytes next to them);
-- the journal: bucket, key, the version the writes started from (``base_version``), how
-  much of it still counts (``base_size``), which chunks hold spool data (``dirty``) and
-  the pending POSIX attributes (``meta``, ``headers``). It is the data file's extended
-  attribute ``user.cairn.spool`` when the file system has them and the journal fits in
-  ``XATTR_LIMIT`` bytes (one file less to create and remove per small file written,
-  replaced atomically by ``setxattr``), else ``<id>.json`` (which wins when both exist).
+The journal: bucket, key, the version the writes started from (``base_version``), how
+much of it still counts (``base_size``), which chunks hold spool data (``dirty``) and
+the pending POSIX attributes (``meta``, ``headers``). It is written into one of the
+header's two slots, alternately, each with a sequence number and a CRC: a torn write
+leaves the other slot, the newer valid one wins. One file to create and unlink per
+small file written and no extended attribute (on ext4 a journal that size takes a block
+of its own, which made the unlink seven times slower). A journal too large for a slot
+goes to ``<id>.json``, which wins from then on. Spools written before 2026-12-07 (data
+in ``<id>.data`` from offset 0, the journal in its ``user.cairn.spool`` xattr or in
+``<id>.json``) are still read by recovery.
 
 The file's bytes are: for a chunk index in ``dirty``, or at or past ``base_size``, the
 spool's bytes; otherwise the base version's. So a commit reuses every base chunk range
 that no write touched, and writes only the rest. The journal changes only when a chunk
-turns dirty, on truncate, rename and attribute changes; the data file needs no journal
-(its length is the size). A process killed with writes pending leaves both files,
-which ``FileService.recover`` commits at the next mount.
+turns dirty, on truncate, rename and attribute changes. A process killed with writes
+pending leaves the spool, which ``FileService.recover`` commits at the next mount.
 """
 
 from __future__ import annotations
@@ -25,16 +29,40 @@ import contextlib
 import errno
 import json
 import os
+import struct
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 JOURNAL_VERSION = 1
+HEADER_SIZE = 4096
+"""Bytes before the file's data in ``<id>.spool``: two journal slots."""
+_SLOT = HEADER_SIZE // 2
+_SLOT_HEAD = struct.Struct("<8sQII")  # magic, sequence, length, crc32
+_MAGIC = b"CAIRNSJ1"
+JOURNAL_LIMIT = _SLOT - _SLOT_HEAD.size
+"""Journals larger than this go to ``<id>.json``."""
 JOURNAL_XATTR = "user.cairn.spool"
-XATTR_LIMIT = 2048
-"""Journals larger than this go to ``<id>.json`` (a file system's xattr space is small)."""
+"""Where spools written before 2026-12-07 kept their journal (read by recovery only)."""
 _NO_XATTR = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.E2BIG, errno.ENOSPC, errno.ERANGE}
+
+
+def _newest_slot(header: bytes) -> tuple[int, bytes] | None:
+    """(sequence, journal) of the newest intact slot of a spool header, if any."""
+    best: tuple[int, bytes] | None = None
+    for start in (0, _SLOT):
+        head = header[start : start + _SLOT_HEAD.size]
+        if len(head) < _SLOT_HEAD.size:
+            continue
+        magic, seq, length, crc = _SLOT_HEAD.unpack(head)
+        body = header[start + _SLOT_HEAD.size : start + _SLOT_HEAD.size + length]
+        if magic != _MAGIC or len(body) != length or zlib.crc32(body) != crc:
+            continue
+        if best is None or seq > best[0]:
+            best = (seq, body)
+    return best
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -68,8 +96,14 @@ class Spool:
     dirty: set[int] = field(default_factory=set)
     size: int = 0
     _fd: int = -1
+    data_offset: int = HEADER_SIZE
+    """Where the file's bytes start in the data file (0 in a spool from before the header)."""
+    journal_in_header: bool = False
+    """Where the journal is: a slot of the header, or ``journal_path`` (or, for a spool
+    from before the header, the data file's xattr: ``journal_in_xattr``)."""
     journal_in_xattr: bool = False
-    """Where the journal is: the data file's xattr, or ``journal_path``."""
+    journal_seq: int = 0
+    """Sequence number of the header slot written last."""
     attached: bool = True
     """False once ``detach`` dropped the journal (the file was unlinked)."""
     journal_file: bool = False
@@ -78,7 +112,8 @@ class Spool:
     # -- files ------------------------------------------------------------------------
     @property
     def data_path(self) -> Path:
-        return self.directory / f"{self.spool_id}.data"
+        suffix = ".spool" if self.data_offset else ".data"
+        return self.directory / f"{self.spool_id}{suffix}"
 
     @property
     def journal_path(self) -> Path:
@@ -98,8 +133,8 @@ class Spool:
         meta: Mapping[str, str],
         headers: Mapping[str, str],
     ) -> Spool:
-        """Make the data file (``base_size`` long, sparse) and the journal.
-        Raises ``OSError`` (a full or unwritable spool directory)."""
+        """Make the data file (``base_size`` long after its header, sparse) with the
+        journal. Raises ``OSError`` (a full or unwritable spool directory)."""
         spool = cls(
             directory,
             spool_id,
@@ -114,10 +149,9 @@ class Spool:
         )
         spool._fd = os.open(spool.data_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            if base_size:
-                os.ftruncate(spool._fd, base_size)
+            os.ftruncate(spool._fd, HEADER_SIZE + base_size)
             doc = spool._journal_doc()
-            if not spool._set_xattr(doc):
+            if not spool._write_slot(doc):
                 # a new journal needs no temporary file: none existed before this write
                 spool.journal_file = True
                 fd = os.open(spool.journal_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -134,23 +168,36 @@ class Spool:
     def load(cls, journal: Path) -> Spool:
         """Reopen a spool left by an earlier process from its ``<id>.json`` journal.
         Raises ``OSError`` and ``ValueError`` (an unreadable journal)."""
-        return cls._from_doc(journal, journal.read_bytes(), in_xattr=False)
+        offset = HEADER_SIZE if journal.with_suffix(".spool").exists() else 0
+        return cls._from_doc(journal, journal.read_bytes(), offset, journal_file=True)
 
     @classmethod
     def load_data(cls, data: Path) -> Spool | None:
-        """Reopen a spool left by an earlier process from the journal in its data file's
-        xattr; None when it has none (a file unlinked while open, or a process that died
-        before its first write). Raises ``OSError`` and ``ValueError``."""
+        """Reopen a spool left by an earlier process from the journal in its data file
+        (``<id>.spool``: the newest valid header slot; ``<id>.data``: its xattr); None
+        when it has none (a file unlinked while open, or a process that died before its
+        first write). Raises ``OSError`` and ``ValueError``."""
+        if data.suffix == ".spool":
+            with data.open("rb") as f:
+                found = _newest_slot(f.read(HEADER_SIZE))
+            if found is None:
+                return None
+            seq, raw = found
+            spool = cls._from_doc(data, raw, HEADER_SIZE, journal_file=False)
+            spool.journal_in_header, spool.journal_seq = True, seq
+            return spool
         try:
             raw = os.getxattr(data, JOURNAL_XATTR)
         except OSError as exc:
             if exc.errno in (errno.ENODATA, *_NO_XATTR):
                 return None
             raise
-        return cls._from_doc(data, raw, in_xattr=True)
+        spool = cls._from_doc(data, raw, 0, journal_file=False)
+        spool.journal_in_xattr = True
+        return spool
 
     @classmethod
-    def _from_doc(cls, path: Path, raw: bytes, *, in_xattr: bool) -> Spool:
+    def _from_doc(cls, path: Path, raw: bytes, offset: int, *, journal_file: bool) -> Spool:
         doc: dict[str, Any] = json.loads(raw.decode("utf-8"))
         if doc.get("journal") != JOURNAL_VERSION:
             raise ValueError(f"{path}: unknown journal version {doc.get('journal')!r}")
@@ -165,11 +212,11 @@ class Spool:
             {str(k): str(v) for k, v in doc["meta"].items()},
             {str(k): str(v) for k, v in doc["headers"].items()},
             {int(i) for i in doc["dirty"]},
-            journal_in_xattr=in_xattr,
-            journal_file=not in_xattr,
+            data_offset=offset,
+            journal_file=journal_file,
         )
         spool._fd = os.open(spool.data_path, os.O_RDWR)
-        spool.size = os.fstat(spool._fd).st_size
+        spool.size = max(0, os.fstat(spool._fd).st_size - offset)
         spool.base_size = min(spool.base_size, spool.size)
         return spool
 
@@ -187,9 +234,21 @@ class Spool:
         }
         return json.dumps(doc, sort_keys=True).encode("utf-8")
 
+    def _write_slot(self, doc: bytes) -> bool:
+        """Write the journal into the header slot not written last; False when it does
+        not fit (or this is a spool from before the header)."""
+        if len(doc) > JOURNAL_LIMIT or not self.data_offset:
+            return False
+        seq = self.journal_seq + 1
+        slot = _SLOT_HEAD.pack(_MAGIC, seq, len(doc), zlib.crc32(doc)) + doc
+        os.pwrite(self._fd, slot, (seq % 2) * _SLOT)
+        self.journal_seq = seq
+        self.journal_in_header = True
+        return True
+
     def _set_xattr(self, doc: bytes) -> bool:
-        """Store the journal in the data file's xattr; False when it cannot be there."""
-        if len(doc) > XATTR_LIMIT:
+        """A spool from before the header: its journal in the data file's xattr."""
+        if len(doc) > JOURNAL_LIMIT:
             return False
         try:
             os.setxattr(self._fd, JOURNAL_XATTR, doc)
@@ -197,22 +256,32 @@ class Spool:
             if exc.errno in _NO_XATTR:
                 return False
             raise
-        self.journal_in_xattr = True
         return True
 
     def save(self) -> None:
-        """Write the journal atomically: a new xattr value, or a temporary file renamed
-        over ``<id>.json`` (then the xattr, if any, is dropped: the file wins). A
-        detached spool keeps no journal: it must never be recovered."""
+        """Write the journal atomically: into a header slot (or, for a spool from before
+        the header, its xattr), or a temporary file renamed over ``<id>.json`` (then the
+        header's journal, if any, is erased: the file wins). A detached spool keeps no
+        journal: it must never be recovered."""
         if not self.attached:
             return
         doc = self._journal_doc()
+        if self.journal_in_header and self._write_slot(doc):
+            return
         if self.journal_in_xattr and self._set_xattr(doc):
             return
         tmp = self.journal_path.with_suffix(".tmp")
         tmp.write_bytes(doc)
         os.replace(tmp, self.journal_path)
         self.journal_file = True
+        self._drop_inner_journal()
+
+    def _drop_inner_journal(self) -> None:
+        """Erase the journal kept inside the data file (header slots or xattr)."""
+        if self.journal_in_header:
+            self.journal_in_header = False
+            with contextlib.suppress(OSError):
+                os.pwrite(self._fd, bytes(HEADER_SIZE), 0)
         if self.journal_in_xattr:
             self.journal_in_xattr = False
             with contextlib.suppress(OSError):
@@ -229,10 +298,7 @@ class Spool:
         """Delete the journal only: the data stays readable through this object but
         is never recovered (the file was unlinked)."""
         self.attached = False
-        if self.journal_in_xattr:
-            with contextlib.suppress(OSError):
-                os.removexattr(self._fd, JOURNAL_XATTR)
-            self.journal_in_xattr = False
+        self._drop_inner_journal()
         if self.journal_file:
             with contextlib.suppress(FileNotFoundError):
                 self.journal_path.unlink()
@@ -251,12 +317,12 @@ class Spool:
 
     # -- bytes ------------------------------------------------------------------------
     def pread(self, offset: int, length: int) -> bytes:
-        return os.pread(self._fd, length, offset)
+        return os.pread(self._fd, length, self.data_offset + offset)
 
     def pread_into(self, offset: int, length: int) -> bytearray:
         """``length`` bytes from ``offset`` into a new buffer (short at the end)."""
         buffer = bytearray(length)
-        done = os.preadv(self._fd, [buffer], offset)
+        done = os.preadv(self._fd, [buffer], self.data_offset + offset)
         if done < length:
             del buffer[done:]
         return buffer
@@ -266,14 +332,14 @@ class Spool:
         (``fills_for_write``) and marks them dirty (``mark_dirty``)."""
         view = memoryview(data)
         while view:
-            done = os.pwrite(self._fd, view, offset)
+            done = os.pwrite(self._fd, view, self.data_offset + offset)
             view = view[done:]
             offset += done
         self.size = max(self.size, offset)
 
     def truncate(self, size: int) -> None:
         """Cut or extend (with zeros) the file to ``size``; saves the journal."""
-        os.ftruncate(self._fd, size)
+        os.ftruncate(self._fd, self.data_offset + size)
         if size < self.size:
             self.base_size = min(self.base_size, size)
             last = -(-size // self.chunk_size)  # chunks at or past this hold no bytes

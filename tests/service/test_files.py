@@ -250,10 +250,10 @@ async def test_spool_recovery_commits_what_a_dead_process_left(
     await files.write(fresh, 0, b"fresh bytes")
     noted = await files.create(BUCKET, "noted.bin", 0o600, 7, 7)
     await files.write(noted, 0, b"noted")
-    # a journal too large for the data file's xattr goes to <id>.json
+    # a journal too large for a header slot goes to <id>.json
     await files.set_xattr(BUCKET, "noted.bin", "notes", "n" * 3000)
-    assert noted.spool is not None and not noted.spool.journal_in_xattr
-    assert fresh.spool is not None and fresh.spool.journal_in_xattr
+    assert noted.spool is not None and not noted.spool.journal_in_header
+    assert fresh.spool is not None and fresh.spool.journal_in_header
     # the process dies here: nothing committed, the spool stays
     for n in (node, fresh, noted):
         assert n.spool is not None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import stat
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +20,13 @@ from appliance.services.fileattrs import (
     parse_time,
     xattrs,
 )
-from appliance.services.spool import XATTR_LIMIT, Segment, Spool
+from appliance.services.spool import (
+    HEADER_SIZE,
+    JOURNAL_LIMIT,
+    JOURNAL_XATTR,
+    Segment,
+    Spool,
+)
 from frontends.fuse.errnos import errno_of
 from frontends.fuse.inodes import ROOT, InodeTable
 
@@ -72,38 +80,105 @@ def test_truncate_keeps_base_up_to_the_cut_and_zeros_after(tmp_path: Path) -> No
     assert s.pread(150, 10) == bytes(10)
 
 
-def test_journal_round_trip_in_the_data_files_xattr(tmp_path: Path) -> None:
+def test_journal_round_trip_in_the_data_files_header(tmp_path: Path) -> None:
     s = spool(tmp_path, 450)
-    assert s.journal_in_xattr  # ext4/tmpfs/xfs: no second file per spool
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["s1.data"]
+    assert s.journal_in_header  # no second file, no xattr per spool
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s1.spool"]
+    assert os.listxattr(tmp_path / "s1.spool") == []
+    assert (tmp_path / "s1.spool").stat().st_size == HEADER_SIZE + 450
     s.mark_dirty(120, 130)
     s.pwrite(120, b"abc")
     s.close()
-    again = Spool.load_data(tmp_path / "s1.data")
-    assert again is not None and again.journal_in_xattr
+    again = Spool.load_data(tmp_path / "s1.spool")
+    assert again is not None and again.journal_in_header
     assert (again.bucket, again.key, again.base_version) == ("b", "k", "v1")
     assert (again.dirty, again.size, again.meta) == ({1}, 450, {"mode": "33188"})
     assert again.pread(120, 3) == b"abc"
+    assert again.pread_into(120, 3) == bytearray(b"abc")
+    again.truncate(300)
+    assert Spool.load_data(tmp_path / "s1.spool").size == 300  # type: ignore[union-attr]
     again.detach()
-    assert Spool.load_data(tmp_path / "s1.data") is None  # never recovered now
+    assert Spool.load_data(tmp_path / "s1.spool") is None  # never recovered now
     again.save()  # a detached spool keeps no journal
-    assert again.mark_dirty(300, 310)  # a write to a clean chunk after the unlink
-    again.truncate(440)
-    assert Spool.load_data(tmp_path / "s1.data") is None
+    assert again.pread(120, 3) == b"abc"  # but its bytes stay readable
+    assert again.mark_dirty(0, 10)  # a write to a clean chunk after the unlink
+    again.truncate(280)
+    assert Spool.load_data(tmp_path / "s1.spool") is None
     assert not (tmp_path / "s1.json").exists()
     again.remove()
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_journal_too_large_for_an_xattr_moves_to_its_file(tmp_path: Path) -> None:
+def test_the_newest_intact_header_slot_wins(tmp_path: Path) -> None:
+    s = spool(tmp_path, 450)
+    s.mark_dirty(120, 130)  # seq 2, slot 0
+    s.meta["mode"] = "33261"
+    s.save()  # seq 3, slot 1
+    s.close()
+    path = tmp_path / "s1.spool"
+    assert Spool.load_data(path).meta == {"mode": "33261"}  # type: ignore[union-attr]
+    with path.open("r+b") as f:  # a torn write of the newest slot (seq 3, second half)
+        f.seek(HEADER_SIZE // 2 + 40)
+        f.write(b"\xff" * 8)
+    older = Spool.load_data(path)
+    assert older is not None and older.meta == {"mode": "33188"} and older.dirty == {1}
+    older.save()  # writes seq 3 over the torn slot; the intact one stays
+    older.close()
+    assert Spool.load_data(path).journal_seq == 3  # type: ignore[union-attr]
+    with path.open("r+b") as f:  # both slots unreadable: nothing to recover
+        f.write(bytes(HEADER_SIZE))
+    assert Spool.load_data(path) is None
+
+
+def test_a_spool_from_before_the_header_is_still_recovered(tmp_path: Path) -> None:
+    """Data in ``<id>.data`` from offset 0, the journal in its xattr (or in ``.json``)."""
+    doc = {
+        "journal": 1,
+        "bucket": "b",
+        "key": "old",
+        "base_version": None,
+        "base_size": 0,
+        "chunk_size": CS,
+        "dirty": [],
+        "meta": {"mode": "33188"},
+        "headers": {},
+    }
+    data = tmp_path / "old1.data"
+    data.write_bytes(b"legacy bytes")
+    os.setxattr(data, JOURNAL_XATTR, json.dumps(doc).encode())
+    left = Spool.load_data(data)
+    assert left is not None and left.journal_in_xattr and left.data_offset == 0
+    assert (left.key, left.size, left.pread(0, 6)) == ("old", 12, b"legacy")
+    left.meta["mode"] = "33261"
+    left.save()  # stays in the xattr
+    assert json.loads(os.getxattr(data, JOURNAL_XATTR))["meta"] == {"mode": "33261"}
+    left.remove()
+    (tmp_path / "old2.data").write_bytes(b"from json")
+    (tmp_path / "old2.json").write_text(json.dumps({**doc, "key": "old2"}))
+    loaded = Spool.load(tmp_path / "old2.json")
+    assert (loaded.key, loaded.data_path.name, loaded.pread(0, 9)) == (
+        "old2",
+        "old2.data",
+        b"from json",
+    )
+    loaded.remove()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_journal_too_large_for_a_slot_moves_to_its_file(tmp_path: Path) -> None:
     s = spool(tmp_path, 0)
-    s.meta["user.notes"] = "n" * (XATTR_LIMIT + 1)  # a large user.* xattr of the file
+    s.pwrite(0, b"kept")
+    s.meta["user.notes"] = "n" * (JOURNAL_LIMIT + 1)  # a large user.* xattr of the file
     s.save()
-    assert not s.journal_in_xattr
-    assert Spool.load_data(tmp_path / "s1.data") is None  # the xattr was dropped
+    assert not s.journal_in_header
+    assert Spool.load_data(tmp_path / "s1.spool") is None  # the header was erased
     s.close()
     again = Spool.load(tmp_path / "s1.json")
-    assert again.meta["user.notes"] == "n" * (XATTR_LIMIT + 1)
+    assert again.meta["user.notes"] == "n" * (JOURNAL_LIMIT + 1)
+    assert (again.data_offset, again.size, again.pread(0, 4)) == (HEADER_SIZE, 4, b"kept")
+    again.meta["user.notes"] = "short"
+    again.save()  # the file wins from then on
+    assert not again.journal_in_header
     again.detach()
     assert not (tmp_path / "s1.json").exists()
     again.remove()
@@ -115,10 +190,10 @@ def test_a_journal_too_large_for_an_xattr_moves_to_its_file(tmp_path: Path) -> N
         key="k",
         base_version=None,
         base_size=0,
-        meta={"user.notes": "n" * XATTR_LIMIT},
+        meta={"user.notes": "n" * JOURNAL_LIMIT},
         headers={},
     )
-    assert not big.journal_in_xattr and (tmp_path / "s2.json").exists()
+    assert not big.journal_in_header and (tmp_path / "s2.json").exists()
     big.remove()
     assert list(tmp_path.iterdir()) == []
 
