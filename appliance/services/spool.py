@@ -241,7 +241,9 @@ class Spool:
             return False
         seq = self.journal_seq + 1
         slot = _SLOT_HEAD.pack(_MAGIC, seq, len(doc), zlib.crc32(doc)) + doc
-        os.pwrite(self._fd, slot, (seq % 2) * _SLOT)
+        if os.pwrite(self._fd, slot, (seq % 2) * _SLOT) != len(slot):
+            # a torn slot: the other one still holds the journal before this change
+            raise OSError(errno.ENOSPC, f"short write of the journal of {self.data_path}")
         self.journal_seq = seq
         self.journal_in_header = True
         return True
