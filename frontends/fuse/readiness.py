@@ -40,6 +40,8 @@ class DeviceReadiness:
         self._registered: set[int] = set()
         self._idle_fires: dict[int, int] = {}
         self._pollers: dict[int, select.poll] = {}
+        self.replaced: dict[str, Any] = {}
+        """pyfuse3's functions that ``install`` replaced, for ``uninstall``."""
 
     async def wait(self, fd: int) -> None:
         future: asyncio.Future[None] = self._loop.create_future()
@@ -100,21 +102,18 @@ def install(compat: ModuleType, loop: asyncio.AbstractEventLoop) -> DeviceReadin
     ``compat``, the ``pyfuse3.asyncio`` module) to a new ``DeviceReadiness``; undo with
     ``uninstall``."""
     readiness = DeviceReadiness(loop, compat.ClosedResourceError)
-    saved: dict[str, Any] = {
+    readiness.replaced = {
         "wait_readable": compat.wait_readable,
         "notify_closing": compat.notify_closing,
     }
     compat.wait_readable = readiness.wait  # type: ignore[attr-defined]
     compat.notify_closing = readiness.notify_closing  # type: ignore[attr-defined]
-    compat._cairn_saved = saved  # type: ignore[attr-defined]
     return readiness
 
 
 def uninstall(compat: ModuleType, readiness: DeviceReadiness) -> None:
     """Put pyfuse3's own functions back and drop ``readiness``'s registrations."""
     readiness.close()
-    saved: dict[str, Any] | None = getattr(compat, "_cairn_saved", None)
-    if saved is not None:
-        for name, fn in saved.items():
-            setattr(compat, name, fn)
-        del compat._cairn_saved
+    for name, fn in readiness.replaced.items():
+        setattr(compat, name, fn)
+    readiness.replaced = {}
