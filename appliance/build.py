@@ -446,8 +446,14 @@ async def open_pool(
         raise
 
 
-def make_file_service(pool: Pool) -> FileService:
-    """The ``FileService`` of a pool, spooling under ``mount.spool_dir``."""
+WRITE_BACK_FILES = 256
+"""With ``mount.write_back``: closed files whose commits may run behind at once (more
+and a close waits for its commit)."""
+
+
+def make_file_service(pool: Pool, *, write_back: bool = False) -> FileService:
+    """The ``FileService`` of a pool, spooling under ``mount.spool_dir``; with
+    ``write_back``, small files commit after their close returned."""
     return FileService(
         pool.store,
         pool.objects,
@@ -456,4 +462,5 @@ def make_file_service(pool: Pool) -> FileService:
         spool_dir=pool.config.mount.spool_dir,
         replicas=pool.config.pool.replication_factor,
         dir_ttl=min(1.0, pool.config.mount.attr_timeout, pool.config.mount.entry_timeout),
+        write_back=WRITE_BACK_FILES if write_back else 0,
     )

@@ -540,6 +540,11 @@ class MountConfig(BaseModel):
     """Seconds the kernel may cache a name lookup."""
     allow_other: bool = True
     """Let every local user use the mount (the kernel checks modes and owners)."""
+    write_back: bool = True
+    """A file of one chunk at most (a small file) is committed after ``close``
+    returned, from its spool; ``fsync`` waits for the commit, and this instance's S3
+    endpoint waits for the commits of files closed before a request came. False:
+    every ``close`` waits for its commit (docs/fuse.md, consistency)."""
     read_ahead_kb: int = Field(default=1024, ge=0, le=65536)
     """Kernel read-ahead of the mount (its bdi ``read_ahead_kb``; needs root; 0 keeps
     the kernel's default of 128). Larger read-ahead means fewer, larger reads."""

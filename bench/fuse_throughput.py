@@ -248,7 +248,22 @@ def run_cairn(
             wait_until(lambda: _ready(port), 60, "cairn")
             yield mnt
 
-    row = measure_mount(remount, big, payload, count, lambda: True, lambda: True)
+    endpoint = f"http://127.0.0.1:{port}"
+    client: Any = s3_client(endpoint)  # made once: making one takes longer than a check
+
+    def large_committed() -> bool:
+        # close waits for a large file's commit: this only confirms it
+        head = client.head_object(Bucket=BUCKET, Key="big.bin")
+        return bool(head["ContentLength"] == big.stat().st_size)
+
+    def small_committed() -> bool:
+        # small files commit behind their close (write-back): S3 answers once the
+        # commits of files closed before the request have landed
+        pages = client.get_paginator("list_objects_v2")
+        found = sum(p.get("KeyCount", 0) for p in pages.paginate(Bucket=BUCKET, Prefix="small/s"))
+        return bool(found >= count)
+
+    row = measure_mount(remount, big, payload, count, large_committed, small_committed)
     with remount():
         s3 = measure_s3(f"http://127.0.0.1:{port}", big, payload, count)
     return row, s3

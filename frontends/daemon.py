@@ -24,6 +24,7 @@ from appliance.build import Pool, make_file_service, open_pool
 from appliance.config import CairnConfig
 from appliance.errors import KeyUnavailable
 from appliance.meta.errors import MetaError
+from appliance.services.files import FileService
 from backends.errors import BackendError
 from frontends.admin.server import AdminApi
 from frontends.s3.server import S3Frontend
@@ -91,12 +92,31 @@ class InFlight:
 INFLIGHT_KEY = web.AppKey("inflight", InFlight)
 
 
-def build_app(pool: Pool) -> web.Application:
-    """The HTTP application of the daemon: health endpoints, then the S3 API."""
+class AfterMountCommits:
+    """Holds each request until the mount's commits behind (write-back) of files
+    closed before it came have landed: a file closed in the mount is readable here at
+    once (close-to-open across the frontends of one instance)."""
+
+    def __init__(self, files: FileService) -> None:
+        self._files = files
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self._files.commits_behind:
+            await self._files.settle()
+        return await handler(request)
+
+
+def build_app(pool: Pool, files: FileService | None = None) -> web.Application:
+    """The HTTP application of the daemon: health endpoints, then the S3 API; with
+    ``files`` (the mount's), requests wait for its commits behind."""
     inflight = InFlight()
+    middlewares = [inflight.middleware]
+    if files is not None:
+        middlewares.append(AfterMountCommits(files).middleware)
     app = web.Application(
         client_max_size=1024**2,
-        middlewares=[inflight.middleware],
+        middlewares=middlewares,
         handler_args=S3Frontend.handler_args(),
     )
     app[POOL_KEY] = pool
@@ -117,9 +137,11 @@ def build_app(pool: Pool) -> web.Application:
     return app
 
 
-def build_admin_app(pool: Pool) -> web.Application:
-    """The admin API's application (its own listener, ``server.admin_host:admin_port``)."""
-    app = web.Application(client_max_size=1024**2)
+def build_admin_app(pool: Pool, files: FileService | None = None) -> web.Application:
+    """The admin API's application (its own listener, ``server.admin_host:admin_port``);
+    with ``files``, requests wait for the mount's commits behind like S3's."""
+    middlewares = [AfterMountCommits(files).middleware] if files is not None else []
+    app = web.Application(client_max_size=1024**2, middlewares=middlewares)
     app[POOL_KEY] = pool
     app.router.add_get("/health", _health)
     app.router.add_get("/health/ready", _ready)
@@ -157,11 +179,12 @@ def _start_workers(
     ]
 
 
-async def _start_mount(pool: Pool, mount: MountRequest, stop: asyncio.Event) -> asyncio.Task[None]:
+async def _start_mount(
+    pool: Pool, files: FileService, mount: MountRequest, stop: asyncio.Event
+) -> asyncio.Task[None]:
     """Recover the spool, then mount; the task ends when unmounted (and sets ``stop``)."""
     from frontends.fuse.mount import MountOptions, run_mount
 
-    files = make_file_service(pool)
     files.prepare()
     for item in await files.recover():
         if item.committed_as is None:
@@ -193,15 +216,18 @@ async def _run(config: CairnConfig, mode: str, mount: MountRequest | None = None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    app = build_app(pool)
+    files = (
+        make_file_service(pool, write_back=config.mount.write_back) if mount is not None else None
+    )
+    app = build_app(pool, files)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=30)
-    admin_runner = web.AppRunner(build_admin_app(pool), handle_signals=False)
+    admin_runner = web.AppRunner(build_admin_app(pool, files), handle_signals=False)
     workers: list[asyncio.Task[None]] = []
     fuse: asyncio.Task[None] | None = None
     try:
         workers = _start_workers(pool, stop, background=mode in ("worker", "all", "mount"))
-        if mount is not None:
-            fuse = await _start_mount(pool, mount, stop)
+        if mount is not None and files is not None:
+            fuse = await _start_mount(pool, files, mount, stop)
         if mode == "mount":
             log.info("cairn: the pool is mounted at %s", mount.path if mount else "?")
         elif mode in ("api", "all"):

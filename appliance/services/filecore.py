@@ -4,6 +4,7 @@ attributes, ``stat``, the checks before a name is made, capacity (DESIGN section
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -56,6 +57,7 @@ class FileCore:
         gid: int | None = None,
         clock: Callable[[], int] = now_ns,
         dir_ttl: float = 1.0,
+        write_back: int = 0,
     ) -> None:
         self._store = store
         self._objects = objects
@@ -76,6 +78,12 @@ class FileCore:
         # Spans of directory listings, so a walk over a directory's names is answered
         # from memory (``appliance.services.namecache``); same bound as the above.
         self._names = NameCache(dir_ttl)
+        # Write-back: up to ``write_back`` closed files (of one chunk at most) commit
+        # after their close returned (``FileWrites.flush``); 0 commits before it returns.
+        self._write_back = write_back
+        self._behind: set[asyncio.Task[None]] = set()
+        """Commits behind on their first attempt: what ``settle`` waits for."""
+        self._retrying: set[asyncio.Task[None]] = set()
 
     def prepare(self) -> None:
         """Create the spool directory (mode 0700). Raises ``OSError``."""

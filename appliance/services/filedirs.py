@@ -126,6 +126,7 @@ class FileDirs(FileWrites):
     async def unlink(self, bucket: str, path: str) -> None:
         """Remove a file. Open handles keep reading what they opened; their later
         writes are not committed. Raises ``NoSuchPath``, ``IsADirectory``."""
+        await self._quiesce(bucket, path)
         attr = await self.stat(bucket, path)
         if attr.is_dir:
             raise IsADirectory(path)
@@ -142,6 +143,7 @@ class FileDirs(FileWrites):
         ``DirectoryNotEmpty``, ``NotPermitted`` (a bucket root)."""
         if not path:
             raise NotPermitted("a bucket's root cannot be removed through the mount")
+        await self._quiesce(bucket, path)
         await self._require_dir(bucket, path)
         prefix = dir_key(path)
         page = await self._store.list_objects(bucket, prefix=prefix, limit=2)
@@ -171,6 +173,8 @@ class FileDirs(FileWrites):
         """
         if not src or not dst:
             raise NotPermitted("a bucket's root cannot be renamed")
+        await self._quiesce(bucket, src)
+        await self._quiesce(dst_bucket, dst)
         self._file_changed(bucket, src)
         self._file_changed(dst_bucket, dst)
         try:

@@ -56,7 +56,10 @@ class FileMeta(FileDirs):
         node = self._open.get((bucket, path))
         if node is not None and not node.unlinked:
             async with node.lock:
-                return await self._set_attr_open(node, changes)
+                if self._open.get((bucket, path)) is node and not node.unlinked:
+                    attr = await self._set_attr_open(node, changes)
+                    self._recommit(node)
+                    return attr
         attr = await self.stat(bucket, path)
         if changes.size is not None:
             if attr.is_dir:
@@ -96,16 +99,18 @@ class FileMeta(FileDirs):
         node = self._open.get((bucket, path))
         if node is not None and not node.unlinked:
             async with node.lock:
-                if value is None:
-                    del node.xattrs[name]
-                else:
-                    node.xattrs[name] = value
-                node.attr = node.attr.with_changes(ctime_ns=self._clock())
-                node.meta_dirty = True
-                if node.spool is not None:
-                    node.spool.meta = encode(node.attr, node.xattrs)
-                    node.spool.save()
-            return
+                if self._open.get((bucket, path)) is node and not node.unlinked:
+                    if value is None:
+                        del node.xattrs[name]
+                    else:
+                        node.xattrs[name] = value
+                    node.attr = node.attr.with_changes(ctime_ns=self._clock())
+                    node.meta_dirty = True
+                    if node.spool is not None:
+                        node.spool.meta = encode(node.attr, node.xattrs)
+                        node.spool.save()
+                    self._recommit(node)
+                    return
         attr = await self.stat(bucket, path)
         extra = await self._current_meta(bucket, path, attr)
         if value is None:

@@ -101,6 +101,10 @@ class OpenFile:
     streamed: int = 0
     grew: asyncio.Event = field(default_factory=asyncio.Event)
     eof: bool = False
+    behind: asyncio.Task[None] | None = None
+    """The commit running after a close returned (``FileWrites`` with ``write_back``)."""
+    commit_wanted: bool = False
+    """Set by a flush that handed its commit to ``behind``; cleared when it starts."""
 
     def stop_stream(self) -> asyncio.Task[WriteResult] | None:
         """Cancel the write-behind commit (its version is aborted); returns the task."""

@@ -26,11 +26,14 @@ from appliance.meta.models import ChunkPlacement, ChunkRef, VersionKind
 from appliance.services.fileattrs import FileAttr, encode, xattrs
 from appliance.services.filecore import FileCore
 from appliance.services.filereader import PieceReader
-from appliance.services.filetypes import READ_PIECE, AttrChanges, OpenFile
+from appliance.services.filetypes import READ_PIECE, AttrChanges, OpenFile, dir_key
 from appliance.services.objects import ObjectHandle, WriteResult, check_key
 from appliance.services.spool import Spool
 
 log = logging.getLogger("cairn.files")
+
+RETRY_DELAYS = (1.0, 4.0, 15.0, 60.0)
+"""Seconds between the attempts of a commit behind that failed."""
 
 
 class FileWrites(FileCore):
@@ -163,41 +166,162 @@ class FileWrites(FileCore):
 
     async def flush(self, node: OpenFile, *, fsync: bool = False) -> None:
         """Commit the open file's changes as a new version (no-op when clean).
-        Raises ``NoCapacity`` (the data stays spooled), the store's and backends' errors."""
+
+        With write-back (``write_back`` > 0) a file of at most one chunk that is not
+        streaming is committed behind: this returns once its room is checked, and
+        ``settle`` (or ``fsync``) waits for the commit. ``fsync`` always waits, for
+        the spool's fsync and the commit. Raises ``NoCapacity`` (the data stays
+        spooled), the store's and backends' errors."""
+        if fsync:
+            await self._settle_node(node)
+            async with node.lock:
+                if node.spool is not None:
+                    await asyncio.to_thread(node.spool.fsync)
+                await self._commit(node)
+            return
         async with node.lock:
-            if fsync and node.spool is not None:
-                await asyncio.to_thread(node.spool.fsync)
+            if self._may_commit_behind(node):
+                await self._check_room(0)
+                self._commit_behind(node)
+                return
             await self._commit(node)
 
     async def release(self, node: OpenFile) -> None:
-        """Drop one handle; the last one commits what is left and forgets the file.
-        Raises like ``flush`` (the spool is then kept for recovery)."""
+        """Drop one handle; the last one commits what is left (behind, like ``flush``,
+        with write-back) and forgets the file. Raises like ``flush`` (the spool is then
+        kept for recovery)."""
         node.handles -= 1
         if node.handles > 0:
+            return
+        if node.behind is not None:  # its commit forgets the file when it ends
+            node.commit_wanted = True
+            return
+        if self._may_commit_behind(node):
+            self._commit_behind(node)
             return
         try:
             async with node.lock:
                 await self._commit(node)
         finally:
             if node.handles <= 0:
-                if node.reader is not None:
-                    node.reader.close()
-                    node.reader = None
-                if self._open.get((node.bucket, node.key)) is node:
-                    del self._open[(node.bucket, node.key)]
-                    if not node.dirty and not node.unlinked:
-                        self._recent[(node.bucket, node.key)] = node.attr
-                if node.spool is not None and node.unlinked:
-                    node.spool.remove()
-                elif node.spool is not None:  # the commit failed: keep it for recovery
-                    log.error(
-                        "%s/%s: changes not committed; kept in spool %s",
+                self._retire(node)
+
+    def _retire(self, node: OpenFile) -> None:
+        """Forget a file no handle holds any more; a spool left means its commit failed
+        and stays for the next mount's recovery."""
+        if node.reader is not None:
+            node.reader.close()
+            node.reader = None
+        if self._open.get((node.bucket, node.key)) is node:
+            del self._open[(node.bucket, node.key)]
+            if not node.dirty and not node.unlinked:
+                self._recent[(node.bucket, node.key)] = node.attr
+        if node.spool is not None and node.unlinked:
+            node.spool.remove()
+        elif node.spool is not None:  # the commit failed: keep it for recovery
+            log.error(
+                "%s/%s: changes not committed; kept in spool %s",
+                node.bucket,
+                node.key,
+                node.spool.data_path,
+            )
+            node.spool.close()
+        node.spool = None
+
+    # -- write-back ---------------------------------------------------------------------
+    def _may_commit_behind(self, node: OpenFile) -> bool:
+        spool = node.spool
+        return (
+            self._write_back > 0
+            and node.dirty
+            and not node.unlinked
+            and node.stream is None
+            and (spool is None or spool.size <= self._chunk_size)
+            and (node.behind is not None or len(self._behind) < self._write_back)
+        )
+
+    def _commit_behind(self, node: OpenFile) -> None:
+        """Have ``node`` committed by a task of its own (one at a time per file)."""
+        node.commit_wanted = True
+        if node.behind is None:
+            task = asyncio.ensure_future(self._run_behind(node))
+            node.behind = task
+            self._behind.add(task)
+
+    async def _run_behind(self, node: OpenFile) -> None:
+        """Commit while asked to; failures are retried (``RETRY_DELAYS``) outside what
+        ``settle`` waits for, then left in the spool for recovery. Forgets the file
+        when no handle holds it at the end."""
+        task = asyncio.current_task()
+        delays = iter(RETRY_DELAYS)
+        cancelled = False  # at unmount: ``commit_all`` takes the file over
+        try:
+            while node.commit_wanted and not node.unlinked:
+                node.commit_wanted = False
+                try:
+                    async with node.lock:
+                        await self._commit(node)
+                except Exception as exc:
+                    delay = next(delays, None)
+                    if delay is None:
+                        log.error("%s/%s: commit failed: %s", node.bucket, node.key, exc)
+                        break
+                    log.warning(
+                        "%s/%s: commit after close failed, retrying in %.0f s: %s",
                         node.bucket,
                         node.key,
-                        node.spool.data_path,
+                        delay,
+                        exc,
                     )
-                    node.spool.close()
-                node.spool = None
+                    if task is not None and task in self._behind:
+                        self._behind.discard(task)
+                        self._retrying.add(task)
+                    node.commit_wanted = True
+                    await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+        finally:
+            node.behind = None
+            if task is not None:
+                self._behind.discard(task)
+                self._retrying.discard(task)
+            if node.handles <= 0 and not cancelled:
+                self._retire(node)
+
+    def _recommit(self, node: OpenFile) -> None:
+        """A closed file changed again (``setattr``, ``setxattr``) before its commit
+        behind ended and forgot it: commit that too."""
+        if node.handles <= 0 and node.dirty:
+            self._commit_behind(node)
+
+    @property
+    def commits_behind(self) -> int:
+        """How many closed files are still being committed (write-back)."""
+        return len(self._behind) + len(self._retrying)
+
+    async def settle(self) -> None:
+        """Wait until every commit behind started before this call has made its first
+        attempt (what a file closed here needs before another frontend reads it).
+        Never raises."""
+        if self._behind:
+            await asyncio.gather(*[asyncio.shield(t) for t in self._behind], return_exceptions=True)
+
+    async def _settle_node(self, node: OpenFile) -> None:
+        """Wait for ``node``'s commit behind, retries included. Never raises."""
+        task = node.behind
+        if task is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(task)
+
+    async def _quiesce(self, bucket: str, path: str) -> None:
+        """Before a name changes: let the commits behind of ``path`` and of what lies
+        under it end, so none lands after the change."""
+        await self.settle()
+        under = dir_key(path)
+        for (b, key), node in list(self._open.items()):
+            if b == bucket and (key == path or key.startswith(under)):
+                await self._settle_node(node)
 
     async def _commit(self, node: OpenFile) -> None:
         if node.unlinked or not node.dirty:
@@ -415,7 +539,13 @@ class FileWrites(FileCore):
 
     async def commit_all(self) -> None:
         """Commit every open file's changes (at unmount); failures are logged and the
-        spool kept for the next mount's recovery."""
+        spool kept for the next mount's recovery. Commits behind end first (those
+        waiting to retry get one more try here)."""
+        await self.settle()
+        for task in list(self._retrying):
+            task.cancel()
+        if self._retrying:
+            await asyncio.gather(*list(self._retrying), return_exceptions=True)
         for node in list(self._open.values()):
             try:
                 async with node.lock:

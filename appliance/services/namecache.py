@@ -83,9 +83,11 @@ class NameCache:
     Not thread-safe (the event loop's thread only). Bounded: ``MAX_DIRS`` directories,
     least recently used dropped first, ``MAX_SPANS_PER_DIR`` spans each.
 
-    Every change this mount makes runs between ``begin`` and ``end``; a span read while
-    one is in progress, or across one, is not recorded (``epoch`` taken before the
-    read), so a listing never brings back what a change just made untrue.
+    Every change this mount makes runs between ``begin`` and ``end``; a span read across
+    the end of one is not recorded (``epoch``, taken before the read, moves at every
+    ``end``), so a listing never brings back what a change just made untrue. A span
+    read while a change runs is recorded: that change's ``end`` corrects it (a span is
+    read while commits run behind closes all the time, with write-back).
     """
 
     def __init__(self, ttl: float, *, clock: Callable[[], float] = time.monotonic) -> None:
@@ -93,7 +95,6 @@ class NameCache:
         self._clock = clock
         self._dirs: OrderedDict[tuple[str, str], _Dir] = OrderedDict()
         self._epoch = 0
-        self._changing = 0
 
     @property
     def epoch(self) -> int:
@@ -101,13 +102,11 @@ class NameCache:
         return self._epoch
 
     def begin(self) -> None:
-        """A change starts (spans are not recorded until it ends)."""
-        self._changing += 1
-        self._epoch += 1
+        """A change starts; its ``end`` applies it to every span recorded by then
+        (nothing to do now: kept so that every change is bracketed)."""
 
     def end(self, bucket: str, path: str, change: NameChange) -> None:
         """A change of ``path`` ended: apply what it did (see ``NameChange``)."""
-        self._changing -= 1
         self._epoch += 1
         if change.tree:
             self.clear()
@@ -179,7 +178,7 @@ class NameCache:
         """Record a listing of ``directory``: every name with a key in ``(after, last]``
         (``last`` None: to the end) is in ``names``, and none other exists. Ignored when
         a change ran since ``epoch`` was taken, or still runs."""
-        if self._ttl <= 0 or epoch != self._epoch or self._changing:
+        if self._ttl <= 0 or epoch != self._epoch:
             return
         state = self._live(bucket, directory)
         if state is None:

@@ -124,6 +124,15 @@ class MountDaemon(Daemon):
                 time.sleep(0.05)
             raise AssertionError("daemon not ready")
 
+    def settle(self) -> None:
+        """Wait until the commits behind files closed so far (write-back) have landed:
+        every request to the daemon's HTTP listener waits for them first."""
+        import urllib.request
+
+        assert self.http, "only a daemon with an HTTP listener can be asked"
+        with urllib.request.urlopen(f"{self.endpoint}/health", timeout=30):
+            pass
+
     def kill(self) -> None:
         super().kill()
         unmount(self.mountpoint)

@@ -110,17 +110,29 @@ def test_forgetting_a_directory_drops_its_own_listing() -> None:
     assert cache.get(B, "d/b") is None
 
 
-def test_a_span_read_while_or_across_a_change_is_not_recorded() -> None:
+def test_a_span_read_across_the_end_of_a_change_is_not_recorded() -> None:
     cache = NameCache(1.0, clock=Clock())
     before = cache.epoch
     cache.begin()
-    cache.put_span(B, "d", "d/a", {"b": attr(1)}, None, 1, epoch=cache.epoch)
-    assert cache.get(B, "d/b") is None  # a change is in progress
     cache.end(B, "d/x", NameChange())
     cache.put_span(B, "d", "d/a", {"b": attr(1)}, None, 1, epoch=before)
     assert cache.get(B, "d/b") is None  # read before the change ended
     cache.put_span(B, "d", "d/a", {"b": attr(1)}, None, 1, epoch=cache.epoch)
     assert cache.get(B, "d/b") == attr(1)
+
+
+def test_a_span_read_while_a_change_runs_is_corrected_by_its_end() -> None:
+    cache = NameCache(1.0, clock=Clock())
+    cache.begin()  # e.g. a commit behind a close, of d/c
+    cache.put_span(B, "d", "d/a", {"b": attr(1)}, None, 1, epoch=cache.epoch)
+    assert cache.get(B, "d/b") == attr(1)
+    assert cache.get(B, "d/c") is ABSENT  # read before the commit landed
+    cache.end(B, "d/c", NameChange(attr=attr(5)))
+    assert cache.get(B, "d/c") == attr(5)
+    cache.begin()
+    cache.put_span(B, "d", "d/a", {"b": attr(1)}, None, 1, epoch=cache.epoch)
+    cache.end(B, "d/b", NameChange())  # outcome unknown: the covering spans go
+    assert cache.get(B, "d/b") is None
 
 
 def test_spans_are_read_ahead_only_for_a_walk_and_grow_while_used() -> None:
