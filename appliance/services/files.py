@@ -9,7 +9,9 @@ maps its errors (``appliance.errors``) to errno values.
 
 Consistency is close-to-open: ``open`` reads the key's current version and keeps it
 while the file stays open anywhere; writes go to a local spool (``Spool``) and become a
-new version, visible through S3, when the file is flushed, fsynced or closed. Renames,
+new version, visible through S3, when the file is flushed, fsynced or closed (with
+``write_back``, a small file's commit runs behind its close: ``settle`` waits for it,
+``fsync`` too). Renames,
 ``chmod`` and the like are metadata-only copies (no data byte moves).
 
 ``FileService`` is assembled from one module per job, each class extending the last:
