@@ -32,15 +32,20 @@ class LatencyStats:
 
     def __init__(self, size: int = 200) -> None:
         self._samples: collections.deque[float] = collections.deque(maxlen=size)
+        self._median: float | None = None
+        """``typical``'s answer until the next sample (every pool view asks for it)."""
 
     def add(self, seconds: float) -> None:
         self._samples.append(seconds)
+        self._median = None
 
     def typical(self) -> float | None:
         """The median, once there are a few samples (None before)."""
         if len(self._samples) < 5:
             return None
-        return statistics.median(self._samples)
+        if self._median is None:
+            self._median = statistics.median(self._samples)
+        return self._median
 
     def p95(self) -> float | None:
         """The 95th percentile, once there are ``MIN_SAMPLES`` samples (None before)."""

@@ -40,6 +40,10 @@ from appliance.services.objects import ObjectService, check_key
 
 log = logging.getLogger("cairn.files")
 
+COMMIT_SLOTS = 4
+"""Commits behind closes (write-back) that run at once; the others wait their turn.
+Bounds the threads they keep busy next to the loop that answers the mount."""
+
 
 class FileCore:
     """State and lookups of ``FileService`` (see ``appliance.services.files``)."""
@@ -84,6 +88,7 @@ class FileCore:
         self._behind: set[asyncio.Task[None]] = set()
         """Commits behind on their first attempt: what ``settle`` waits for."""
         self._retrying: set[asyncio.Task[None]] = set()
+        self._commit_slots = asyncio.Semaphore(COMMIT_SLOTS)
 
     def prepare(self) -> None:
         """Create the spool directory (mode 0700). Raises ``OSError``."""

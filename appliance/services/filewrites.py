@@ -259,7 +259,7 @@ class FileWrites(FileCore):
             while node.commit_wanted and not node.unlinked:
                 node.commit_wanted = False
                 try:
-                    async with node.lock:
+                    async with self._commit_slots, node.lock:
                         await self._commit(node)
                 except Exception as exc:
                     delay = next(delays, None)

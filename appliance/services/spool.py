@@ -407,4 +407,6 @@ class Spool:
 
     def new_bytes(self) -> int:
         """Bytes a commit would write as new chunks (for the free-space check)."""
+        if self.base_size == 0:  # a new file, or one cut to nothing: every byte is new
+            return self.size
         return sum(s.end - s.start for s in self.segments() if not s.from_base)
