@@ -85,8 +85,9 @@ class FileCore:
         # Write-back: up to ``write_back`` closed files (of one chunk at most) commit
         # after their close returned (``FileWrites.flush``); 0 commits before it returns.
         self._write_back = write_back
-        self._behind: set[asyncio.Task[None]] = set()
-        """Commits behind on their first attempt: what ``settle`` waits for."""
+        self._behind: dict[asyncio.Task[None], asyncio.Event] = {}
+        """Commits behind on their first attempt, each with the event set when that
+        attempt ends: what ``settle`` waits for."""
         self._retrying: set[asyncio.Task[None]] = set()
         self._commit_slots = asyncio.Semaphore(COMMIT_SLOTS)
 

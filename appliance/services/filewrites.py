@@ -246,7 +246,7 @@ class FileWrites(FileCore):
         if node.behind is None:
             task = asyncio.ensure_future(self._run_behind(node))
             node.behind = task
-            self._behind.add(task)
+            self._behind[task] = asyncio.Event()
 
     async def _run_behind(self, node: OpenFile) -> None:
         """Commit while asked to; failures are retried (``RETRY_DELAYS``) outside what
@@ -274,7 +274,7 @@ class FileWrites(FileCore):
                         exc,
                     )
                     if task is not None and task in self._behind:
-                        self._behind.discard(task)
+                        self._behind.pop(task).set()
                         self._retrying.add(task)
                     node.commit_wanted = True
                     await asyncio.sleep(delay)
@@ -284,7 +284,9 @@ class FileWrites(FileCore):
         finally:
             node.behind = None
             if task is not None:
-                self._behind.discard(task)
+                first = self._behind.pop(task, None)
+                if first is not None:
+                    first.set()
                 self._retrying.discard(task)
             if node.handles <= 0 and not cancelled:
                 self._retire(node)
@@ -304,8 +306,8 @@ class FileWrites(FileCore):
         """Wait until every commit behind started before this call has made its first
         attempt (what a file closed here needs before another frontend reads it).
         Never raises."""
-        if self._behind:
-            await asyncio.gather(*[asyncio.shield(t) for t in self._behind], return_exceptions=True)
+        for first in list(self._behind.values()):
+            await first.wait()
 
     async def _settle_node(self, node: OpenFile) -> None:
         """Wait for ``node``'s commit behind, retries included. Never raises."""

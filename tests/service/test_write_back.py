@@ -109,13 +109,15 @@ async def test_a_failed_commit_is_retried_and_the_mount_keeps_showing_the_file(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(filewrites, "RETRY_DELAYS", (0.05, 0.05))
+    monkeypatch.setattr(filewrites, "RETRY_DELAYS", (0.5, 0.05))
     store = pool.objects._store
     failing = _FailOnce(store)
     pool.objects._store = failing  # type: ignore[assignment]
     with caplog.at_level(logging.WARNING, logger="cairn.files"):
         await close_new(files, "r", b"retry me")
+        started = asyncio.get_running_loop().time()
         await files.settle()  # the first attempt failed: settle does not wait for retries
+        assert asyncio.get_running_loop().time() - started < 0.4
         assert failing.failures == 1
         assert (await files.stat(BUCKET, "r")).size == 8
         while files.commits_behind:
