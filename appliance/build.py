@@ -47,6 +47,7 @@ from appliance.meta.postgres import PostgresMetadataStore
 from appliance.meta.sqlite import SqliteMetadataStore
 from appliance.meta.store import MetadataStore
 from appliance.placement.health import Breakers
+from appliance.placement.leases import QuotaLeases
 from appliance.placement.pool import PoolState
 from appliance.placement.replication import ReplicationPolicy
 from appliance.placement.router import BackendState, Placement, Router
@@ -202,6 +203,8 @@ class Pool:
         self.log_cache_stats()
         with contextlib.suppress(Exception):
             await self.meter.flush()
+        with contextlib.suppress(Exception):
+            await self.state.leases.close()
         if self.keyring is not None:
             with contextlib.suppress(Exception):
                 await self.keyring.close()
@@ -374,6 +377,7 @@ async def open_pool(
                 backends, threshold=health.failure_threshold, cooldown=health.open_seconds
             ),
             hedged_reads=config.pool.replication.hedged_reads,
+            leases=QuotaLeases(store),
         )
         bucket_config = BucketConfigService(store)
         replication = replication_policy(config)

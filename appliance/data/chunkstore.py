@@ -225,12 +225,12 @@ class ChunkStore:
                 reserved: list[tuple[str, int]] = []
                 for name in batch:
                     tried.add(name)
-                    reservation = await self._pool.store.reserve(name, stored, owner=owner)
-                    if reservation is None:
+                    reservation_id = await self._pool.leases.reserve(name, stored, owner=owner)
+                    if reservation_id is None:
                         self._pool.invalidate()
                         continue
                     self._pool.account(name, stored)
-                    reserved.append((name, reservation.reservation_id))
+                    reserved.append((name, reservation_id))
                 results = await asyncio.gather(
                     *(self._put(name, blob_key, blob) for name, _ in reserved),
                     return_exceptions=True,
@@ -238,7 +238,7 @@ class ChunkStore:
                 unexpected: BaseException | None = None
                 for (name, reservation_id), result in zip(reserved, results, strict=True):
                     if isinstance(result, BaseException):
-                        await self._pool.store.release_reservation(reservation_id)
+                        await self._pool.leases.release(name, reservation_id, stored)
                         self._pool.account(name, -stored)
                         if not isinstance(result, BackendError):
                             unexpected = unexpected or result
@@ -287,11 +287,24 @@ class ChunkStore:
         return f"no backend has room for {nbytes} more bytes{short}: {detail}"
 
     async def undo(self, placed: Sequence[tuple[Location, int | None]]) -> None:
-        """Delete blobs that were written but will not be recorded; release their quota."""
-        for location, reservation_id in placed:
+        """Delete blobs that were written but will not be recorded; release their quota.
+
+        Raises the store's errors (after every blob is deleted); a reservation it could
+        not release is left to the janitor."""
+        for location, _ in placed:
             await self.delete_blob(location.backend, location.blob_key)
-            if reservation_id is not None:
-                await self._pool.store.release_reservation(reservation_id)
+        failed: Exception | None = None
+        for location, reservation_id in placed:
+            if reservation_id is None:
+                continue
+            try:
+                await self._pool.leases.release(
+                    location.backend, reservation_id, location.stored_size
+                )
+            except Exception as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
     async def _digest(self, data: bytes | bytearray | memoryview) -> bytes:
         if len(data) < INLINE_HASH_LIMIT:

@@ -8,7 +8,14 @@ class MetaError(Exception):
 
 
 class StoreUnavailable(MetaError):
-    """The database cannot be reached or used right now (may pass)."""
+    """The database cannot be reached or used right now (may pass).
+
+    ``uncommitted`` is True when the failed call surely changed nothing (it failed
+    before its transaction was asked to commit); False when that is unknown."""
+
+    def __init__(self, *args: object, uncommitted: bool = False) -> None:
+        super().__init__(*args)
+        self.uncommitted = uncommitted
 
 
 class SchemaTooNew(MetaError):

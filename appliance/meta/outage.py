@@ -96,14 +96,14 @@ class OutageTolerantStore:
         cached = name in CACHED_READS and self._cache is not None
         if self._open_until is not None and self._monotonic() < self._open_until:
             key: Hashable = _key(name, args, kwargs)
-            return self._from_cache(key, cached, "the metadata store is unavailable")
+            return self._from_cache(key, cached, "the metadata store is unavailable", True)
         try:
             result = await method(*args, **kwargs)
         except StoreUnavailable as exc:
             if self._open_until is None:
                 log.warning("metadata store unavailable, serving cached reads: %s", exc)
             self._open_until = self._monotonic() + self._retry
-            return self._from_cache(_key(name, args, kwargs), cached, str(exc))
+            return self._from_cache(_key(name, args, kwargs), cached, str(exc), exc.uncommitted)
         if self._open_until is not None:
             log.info("metadata store available again")
             self._open_until = None
@@ -116,7 +116,7 @@ class OutageTolerantStore:
                     self._cache[key] = result
         return result
 
-    def _from_cache(self, key: Hashable, cached: bool, reason: str) -> Any:
+    def _from_cache(self, key: Hashable, cached: bool, reason: str, uncommitted: bool) -> Any:
         if cached and self._cache is not None:
             try:
                 found = self._cache.get(key, _MISSING)
@@ -125,7 +125,7 @@ class OutageTolerantStore:
             if found is not _MISSING:
                 self.served_from_cache += 1
                 return found
-        raise StoreUnavailable(reason)
+        raise StoreUnavailable(reason, uncommitted=uncommitted)
 
 
 def _key(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:

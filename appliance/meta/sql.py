@@ -27,6 +27,7 @@ from appliance.meta.errors import (
     NotFound,
     PreconditionFailed,
     SchemaTooNew,
+    StoreUnavailable,
 )
 from appliance.meta.models import (
     BackendSpace,
@@ -237,14 +238,20 @@ class SqlMetadataStore(abc.ABC):
     async def _run(self, work: Callable[[Tx], Awaitable[T]]) -> T:
         """Run ``work`` in one transaction, retrying transient conflicts."""
         for attempt in range(_TX_ATTEMPTS):
+            committing = False
             try:
                 async with self._transaction() as tx:
-                    return await work(tx)
+                    result = await work(tx)
+                    committing = True
+                return result
             except Exception as exc:  # mapped below; store errors pass through
                 if self._is_retryable(exc) and attempt + 1 < _TX_ATTEMPTS:
                     await asyncio.sleep(0.005 * 2**attempt)
                     continue
                 mapped = self._translate(exc)
+                failure = mapped if mapped is not None else exc
+                if isinstance(failure, StoreUnavailable) and not committing:
+                    failure.uncommitted = True
                 if mapped is not None:
                     raise mapped from exc
                 raise
@@ -514,17 +521,34 @@ class SqlMetadataStore(abc.ABC):
             raise Conflict(f"version {version_id} is a {row['kind']} version, not {kind.value}")
         return row
 
+    async def _take_from(self, tx: Tx, reservation_id: int, backend: str, nbytes: int) -> int:
+        """Take ``nbytes`` off reservation ``reservation_id`` (a chunk's own, or a lease
+        several chunks draw on) and delete it once empty; return the bytes it held for
+        the caller. A reservation smaller than ``nbytes`` is deleted whole and its size
+        returned; an unknown one gives 0."""
+        row = await tx.fetchrow(
+            "UPDATE reservations SET nbytes = nbytes - $3 WHERE reservation_id = $1 "
+            "AND backend = $2 AND nbytes > $3 RETURNING nbytes",
+            reservation_id,
+            backend,
+            nbytes,
+        )
+        if row is not None:
+            return nbytes
+        row = await tx.fetchrow(
+            "DELETE FROM reservations WHERE reservation_id = $1 AND backend = $2 RETURNING nbytes",
+            reservation_id,
+            backend,
+        )
+        return 0 if row is None else int(row["nbytes"])
+
     async def _settle(self, tx: Tx, reservation_id: int | None, location: Location) -> None:
-        """Turn a reservation into usage for a blob now present on its backend."""
+        """Turn the blob's part of a reservation into usage: the blob is on its backend."""
         reserved = 0
         if reservation_id is not None:
-            row = await tx.fetchrow(
-                "DELETE FROM reservations WHERE reservation_id = $1 AND backend = $2 "
-                "RETURNING nbytes",
-                reservation_id,
-                location.backend,
+            reserved = await self._take_from(
+                tx, reservation_id, location.backend, location.stored_size
             )
-            reserved = 0 if row is None else int(row["nbytes"])
         await tx.execute(
             "UPDATE backend_space SET reserved_bytes = reserved_bytes - $2, "
             "used_bytes = used_bytes + $3 WHERE name = $1",
@@ -596,7 +620,7 @@ class SqlMetadataStore(abc.ABC):
         if changed:
             await self._settle(tx, reservation_id, location)
         elif reservation_id is not None:
-            await self._release(tx, "reservation_id = $1", reservation_id)
+            await self._give_back(tx, reservation_id, location.backend, location.stored_size)
 
     async def add_refs(self, version_id: str, refs: Sequence[ChunkRef]) -> None:
         async def work(tx: Tx) -> None:
@@ -643,6 +667,16 @@ class SqlMetadataStore(abc.ABC):
                 tx, GC_QUEUE, {"chunk_id": chunk_id}, f"chunk:{chunk_id}", not_before, 10
             )
         return freed
+
+    async def _give_back(self, tx: Tx, reservation_id: int, backend: str, nbytes: int) -> None:
+        """Release ``nbytes`` of a reservation (all of it when it holds no more)."""
+        taken = await self._take_from(tx, reservation_id, backend, nbytes)
+        if taken:
+            await tx.execute(
+                "UPDATE backend_space SET reserved_bytes = reserved_bytes - $2 WHERE name = $1",
+                backend,
+                taken,
+            )
 
     async def _release(self, tx: Tx, where: str, *args: Any) -> int:
         rows = await tx.fetch(
@@ -1342,12 +1376,30 @@ class SqlMetadataStore(abc.ABC):
 
         return await self._run(work)
 
-    async def release_reservation(self, reservation_id: int) -> None:
-        await self._run(lambda tx: self._release(tx, "reservation_id = $1", reservation_id))
+    async def release_reservation(
+        self, reservation_id: int, *, backend: str | None = None, nbytes: int | None = None
+    ) -> None:
+        if nbytes is None or backend is None:
+            await self._run(lambda tx: self._release(tx, "reservation_id = $1", reservation_id))
+            return
+        name, part = backend, nbytes
+        await self._run(lambda tx: self._give_back(tx, reservation_id, name, part))
 
-    async def release_stale_reservations(self, older_than: datetime) -> int:
+    async def release_stale_reservations(
+        self, older_than: datetime, *, owner_prefix: str | None = None
+    ) -> int:
+        if owner_prefix is None:
+            return await self._run(
+                lambda tx: self._release(tx, "created_at < $1", to_micros(older_than))
+            )
         return await self._run(
-            lambda tx: self._release(tx, "created_at < $1", to_micros(older_than))
+            lambda tx: self._release(
+                tx,
+                "created_at < $1 AND substr(owner, 1, $3) = $2",
+                to_micros(older_than),
+                owner_prefix,
+                len(owner_prefix),
+            )
         )
 
     # -- usage counters --------------------------------------------------------------

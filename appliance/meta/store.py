@@ -360,12 +360,20 @@ class MetadataStore(Protocol):
         """
         ...
 
-    async def release_reservation(self, reservation_id: int) -> None:
-        """Give back an unused reservation (the blob write failed); idempotent."""
+    async def release_reservation(
+        self, reservation_id: int, *, backend: str | None = None, nbytes: int | None = None
+    ) -> None:
+        """Give back an unused reservation (the blob write failed); idempotent.
+
+        With ``backend`` and ``nbytes``, give back only that part of it (a blob's share
+        of a lease), deleting it once empty: each part must be given back once."""
         ...
 
-    async def release_stale_reservations(self, older_than: datetime) -> int:
-        """Release reservations made before ``older_than``; return how many."""
+    async def release_stale_reservations(
+        self, older_than: datetime, *, owner_prefix: str | None = None
+    ) -> int:
+        """Release reservations made before ``older_than`` (only those whose owner starts
+        with ``owner_prefix``, when given); return how many."""
         ...
 
     # -- usage counters --------------------------------------------------------------

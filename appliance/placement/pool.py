@@ -18,6 +18,7 @@ from appliance.meta.errors import StoreUnavailable
 from appliance.meta.models import BackendSpace
 from appliance.meta.store import MetadataStore
 from appliance.placement.health import CLOSED, Breakers, counts_as_failure
+from appliance.placement.leases import QuotaLeases
 from appliance.placement.router import BackendState, BackendView, PoolView, Router
 from appliance.placement.usage import UsageMeter
 from backends.base import Backend
@@ -70,10 +71,13 @@ class PoolState:
         replica_timeouts: Mapping[str, float] | None = None,
         breakers: Breakers | None = None,
         hedged_reads: bool = False,
+        leases: QuotaLeases | None = None,
         max_age: float = 0.5,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
+        self.leases = leases if leases is not None else QuotaLeases(store, lease_bytes=0)
+        """Where blob writes reserve quota (small blobs from per-backend leases)."""
         self.router = router
         self.meter = meter
         self._order = [b.name for b in backends]
@@ -205,7 +209,10 @@ class PoolState:
                     state=self._states[name],
                     quota_bytes=ledger.quota_bytes if ledger else None,
                     used_bytes=ledger.used_bytes if ledger else 0,
-                    reserved_bytes=ledger.reserved_bytes if ledger else 0,
+                    # a lease's bytes not yet handed out are free space to this process
+                    reserved_bytes=(
+                        max(0, ledger.reserved_bytes - self.leases.idle(name)) if ledger else 0
+                    ),
                     requests_left=left.requests,
                     ingress_left=left.ingress_bytes,
                     egress_left=left.egress_bytes,

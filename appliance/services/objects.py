@@ -407,10 +407,10 @@ class ChunkedWriter:
         try:
             await self._store.add_chunk(version_id, ref, written.chunk, written.locations)
         except (Conflict, StoreUnavailable) as exc:
-            # Not recorded: the blobs are ours to remove. The version's reservations go
-            # with its abort (or with the janitor when the store is away).
-            for location, _ in written.locations:
-                await self._chunks.delete_blob(location.backend, location.blob_key)
+            # Not recorded: the blobs are ours to remove, and their reservations (what
+            # the store cannot take now goes with the version's abort or the janitor).
+            with contextlib.suppress(Exception):
+                await self._chunks.undo(written.locations)
             if isinstance(exc, StoreUnavailable):
                 raise MetadataUnavailable(str(exc)) from exc
             raise
@@ -618,6 +618,7 @@ class ObjectService:
             user_metadata=dict(user_metadata or {}),
         )
         stored: WrittenChunk | None = None
+        unrecorded = True  # until put_version may have committed
         try:
             result = await self.writer.write(
                 version,
@@ -634,6 +635,7 @@ class ObjectService:
                 raise BadDigest("the Content-MD5 you specified did not match what was received")
             extra = late_headers() if late_headers else {}
             try:
+                unrecorded = False
                 await self._store.put_version(
                     version.version_id,
                     bucket,
@@ -652,27 +654,36 @@ class ObjectService:
             except NotFound as exc:
                 raise NoSuchBucket(bucket) from exc
             except StoreUnavailable as exc:
+                unrecorded = exc.uncommitted
                 raise MetadataUnavailable(str(exc)) from exc
+            except meta_errors.MetaError:
+                unrecorded = True  # refused: the transaction rolled back
+                raise
         except BaseException:
-            await _cleanup(self._undo_one_chunk(version.version_id, stored))
+            await _cleanup(self._undo_one_chunk(version.version_id, stored, unrecorded))
             raise
         await queue_missing_replicas(self._store, stored)
         return result
 
-    async def _undo_one_chunk(self, version_id: str, stored: WrittenChunk | None) -> None:
+    async def _undo_one_chunk(
+        self, version_id: str, stored: WrittenChunk | None, unrecorded: bool
+    ) -> None:
         """Release the reservations of a failed one-chunk put and delete its blobs, unless
-        the version was committed after all. Never raises (the janitor releases stale
-        reservations)."""
+        the version was committed after all (``unrecorded``: surely not). Never raises
+        (the janitor releases stale reservations)."""
         try:
             await self._store.abort_version(version_id)
         except Conflict:
             return  # committed: its blobs are the version's
         except Exception as exc:
             log.warning("could not abort version %s (the janitor will): %s", version_id, exc)
-            return  # unknown outcome: a leftover blob is safer than a missing one
-        for location, _ in stored.locations if stored is not None else ():
+            if not unrecorded:
+                return  # unknown outcome: a leftover blob is safer than a missing one
+        if stored is not None:
+            # deletes the blobs and gives back what a lease lent them (the version's own
+            # reservations went with the abort)
             with contextlib.suppress(Exception):
-                await self.chunks.delete_blob(location.backend, location.blob_key)
+                await self.chunks.undo(stored.locations)
 
     async def withdraw(self, version_id: str) -> None:
         """Abort a version that definitely failed after its chunk 0 was written (bad

@@ -18,6 +18,8 @@ from appliance.data.chunkstore import ChunkStorage
 from appliance.meta.backoff import Backoff
 from appliance.meta.errors import Conflict, MetaError
 from appliance.meta.store import GC_QUEUE, MetadataStore
+from appliance.placement.leases import OWNER_PREFIX as LEASE_OWNER_PREFIX
+from appliance.placement.leases import STALE_AFTER as LEASE_STALE_AFTER
 from appliance.placement.pool import PoolState
 from appliance.placement.usage import UsageMeter
 from backends.errors import BackendError, BlobNotFound
@@ -66,7 +68,7 @@ class GcWorker:
 
 class Janitor:
     """Aborts versions left UPLOADING too long (a crashed writer) and releases the
-    reservations such writers held."""
+    reservations such writers held, and quota leases of processes that died."""
 
     def __init__(
         self,
@@ -89,6 +91,10 @@ class Janitor:
             except Conflict:
                 pass  # committed meanwhile
         released = await self._store.release_stale_reservations(cutoff)
+        # a lease lives seconds: one this old belongs to a process that died
+        released += await self._store.release_stale_reservations(
+            self._clock() - LEASE_STALE_AFTER, owner_prefix=LEASE_OWNER_PREFIX
+        )
         if aborted or released:
             log.info(
                 "janitor: aborted %d stale uploads, released %d reservations", aborted, released

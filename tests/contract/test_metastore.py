@@ -448,6 +448,35 @@ async def test_reservation_becomes_usage_when_the_blob_is_recorded(pool: SqlMeta
     assert (space.used_bytes, space.reserved_bytes) == (132, 0)
 
 
+async def test_blobs_drawing_on_one_lease_settle_their_part_each(pool: SqlMetadataStore) -> None:
+    """A lease: one reservation several blobs draw on; each recorded blob takes its
+    stored size off it, a failed one gives its part back, and the row goes once empty."""
+    lease = await pool.reserve("b1", 1_000, owner="lease:x")
+    assert lease is not None
+    for i in range(3):
+        vid = new_sortable_id()
+        await pool.begin_version(vid, "bk", f"k{i}")
+        await pool.add_chunk(
+            vid,
+            ChunkRef(0, 0, 100, f"c{i}"),
+            chunk(f"c{i}"),
+            [(Location(f"c{i}", "b1", f"x{i}", 132), lease.reservation_id)],
+        )
+    space = {s.name: s for s in await pool.get_space()}["b1"]
+    assert (space.used_bytes, space.reserved_bytes) == (396, 604)
+    await pool.release_reservation(lease.reservation_id, backend="b1", nbytes=100)
+    await pool.release_reservation(lease.reservation_id, backend="b2", nbytes=100)  # not b2's
+    space = {s.name: s for s in await pool.get_space()}["b1"]
+    assert (space.used_bytes, space.reserved_bytes) == (396, 504)
+    await pool.release_reservation(lease.reservation_id, backend="b1", nbytes=504)
+    space = {s.name: s for s in await pool.get_space()}["b1"]
+    assert space.reserved_bytes == 0
+    again = await pool.reserve("b1", 10, owner="v")  # the emptied lease row is gone:
+    assert again is not None  # giving back more of it changes nothing
+    await pool.release_reservation(lease.reservation_id, backend="b1", nbytes=5)
+    assert {s.name: s for s in await pool.get_space()}["b1"].reserved_bytes == 10
+
+
 async def test_many_concurrent_reservations_never_exceed_quota(store_factory: StoreFactory) -> None:
     stores = [store_factory() for _ in range(3)]
     if stores[0].kind == "sqlite":
@@ -470,6 +499,16 @@ async def test_stale_reservations_are_released(pool: SqlMetadataStore, clock: Fa
     await pool.reserve("b1", 10, owner="alive")
     assert await pool.release_stale_reservations(clock.now - timedelta(hours=1)) == 1
     assert {s.name: s for s in await pool.get_space()}["b1"].reserved_bytes == 10
+
+
+async def test_stale_reservations_by_owner_prefix(pool: SqlMetadataStore, clock: FakeClock) -> None:
+    await pool.reserve("b1", 1_000, owner="lease:dead")
+    await pool.reserve("b1", 200, owner="lease_dead")  # "_" is no wildcard
+    await pool.reserve("b1", 30, owner="upload")
+    clock.advance(7200)
+    cutoff = clock.now - timedelta(hours=1)
+    assert await pool.release_stale_reservations(cutoff, owner_prefix="lease:") == 1
+    assert {s.name: s for s in await pool.get_space()}["b1"].reserved_bytes == 230
 
 
 async def test_sync_backends_keeps_usage(pool: SqlMetadataStore) -> None:
