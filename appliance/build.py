@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from appliance.cache.memory import CachingChunkStore
+from appliance.clock import utcnow
 from appliance.config import (
     BackendConfig,
     CacheConfig,
@@ -47,6 +48,7 @@ from appliance.meta.postgres import PostgresMetadataStore
 from appliance.meta.sqlite import SqliteMetadataStore
 from appliance.meta.store import MetadataStore
 from appliance.placement.health import Breakers
+from appliance.placement.leases import OWNER_PREFIX as LEASE_OWNER_PREFIX
 from appliance.placement.leases import QuotaLeases
 from appliance.placement.pool import PoolState
 from appliance.placement.replication import ReplicationPolicy
@@ -352,6 +354,11 @@ async def open_pool(
         sealer = SecretSealer(pool_secret)
         access = AccessService(store, sealer)
         await _apply_config(store, AdminService(store, access, sealer), config)
+        if store.kind == "sqlite":
+            # one process per SQLite file: a lease found now is a dead process's
+            await store.release_stale_reservations(
+                utcnow() + timedelta(days=1), owner_prefix=LEASE_OWNER_PREFIX
+            )
         keyring = make_key_ring(config.encryption)
         if keyring is not None:
             await keyring.open()

@@ -141,6 +141,9 @@ class PostgresMetadataStore(SqlMetadataStore):
     def _is_retryable(self, exc: BaseException) -> bool:
         return getattr(exc, "sqlstate", None) in _RETRYABLE_SQLSTATES
 
+    def _is_foreign_key_violation(self, exc: BaseException) -> bool:
+        return getattr(exc, "sqlstate", None) == "23503"
+
     def _translate(self, exc: BaseException) -> BaseException | None:
         if isinstance(exc, MetaError):
             return None

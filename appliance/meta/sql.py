@@ -232,6 +232,10 @@ class SqlMetadataStore(abc.ABC):
         """True for conflicts where re-running the whole transaction is safe."""
 
     @abc.abstractmethod
+    def _is_foreign_key_violation(self, exc: BaseException) -> bool:
+        """True when a statement failed because a referenced row does not exist."""
+
+    @abc.abstractmethod
     def _translate(self, exc: BaseException) -> BaseException | None:
         """Map a driver error to a store error (``StoreUnavailable``...), or None."""
 
@@ -483,28 +487,33 @@ class SqlMetadataStore(abc.ABC):
         """Insert an UPLOADING version, or with ``complete`` = (size, etag) a COMPLETE
         one (``put_version``: its chunk is recorded in the same transaction). Returns
         its ``created_at``. Raises ``NotFound`` (no bucket), ``AlreadyExists``."""
-        if await tx.fetchrow("SELECT 1 AS x FROM buckets WHERE name = $1", bucket) is None:
-            raise NotFound(f"bucket {bucket!r} does not exist")
         now = self._now()
         state = VersionState.UPLOADING if complete is None else VersionState.COMPLETE
         size, etag = (0, "") if complete is None else complete
-        changed = await tx.execute(
-            "INSERT INTO versions (version_id, bucket, key, kind, state, headers, "
-            "user_metadata, created_at, size, etag, completed_at) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) "
-            "ON CONFLICT (version_id) DO NOTHING",
-            version_id,
-            bucket,
-            key,
-            kind.value,
-            state.value,
-            _dumps(headers or {}),
-            _dumps(user_metadata or {}),
-            now,
-            size,
-            etag,
-            None if complete is None else now,
-        )
+        try:
+            changed = await tx.execute(
+                "INSERT INTO versions (version_id, bucket, key, kind, state, headers, "
+                "user_metadata, created_at, size, etag, completed_at) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) "
+                "ON CONFLICT (version_id) DO NOTHING",
+                version_id,
+                bucket,
+                key,
+                kind.value,
+                state.value,
+                _dumps(headers or {}),
+                _dumps(user_metadata or {}),
+                now,
+                size,
+                etag,
+                None if complete is None else now,
+            )
+        except Exception as exc:
+            # the row's one foreign key is its bucket: checked by the insert itself,
+            # which saves a query per version
+            if self._is_foreign_key_violation(exc):
+                raise NotFound(f"bucket {bucket!r} does not exist") from exc
+            raise
         if not changed:
             raise AlreadyExists(f"version {version_id} already exists")
         return now

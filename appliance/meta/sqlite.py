@@ -201,6 +201,9 @@ class SqliteMetadataStore(SqlMetadataStore):
     def _is_retryable(self, exc: BaseException) -> bool:
         return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc).lower()
 
+    def _is_foreign_key_violation(self, exc: BaseException) -> bool:
+        return isinstance(exc, sqlite3.IntegrityError) and "FOREIGN KEY" in str(exc)
+
     def _translate(self, exc: BaseException) -> BaseException | None:
         if isinstance(exc, MetaError):
             return None

@@ -201,3 +201,17 @@ async def test_the_janitor_releases_leases_of_a_process_that_died(
     janitor = Janitor(pool.store, clock=lambda: utcnow() + timedelta(hours=2))
     assert await janitor.run_once() == 1  # the lease; the upload's is kept for 24 h
     assert await reserved(pool) == 100
+
+
+async def test_a_sqlite_pool_opening_releases_leases_a_crash_left(
+    make_pool: PoolFactory, database: Any
+) -> None:
+    """One process per SQLite file: any lease row found at open is a dead process's."""
+    if "sqlite" not in database:
+        pytest.skip("other instances may hold leases on PostgreSQL")
+    first = await make_pool()
+    assert await first.store.reserve("d0", LEASE_BYTES, owner=f"{OWNER_PREFIX}crashed")
+    assert await first.store.reserve("d0", 100, owner="01UPLOADINGVERSION000000000")
+    await first.close()  # retires only its own leases
+    second = await make_pool()
+    assert await reserved(second) == 100  # the upload's is the janitor's, after 24 h
