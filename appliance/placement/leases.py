@@ -19,7 +19,8 @@ A lease serves for ``ttl`` seconds, then it is retired: what it has not handed o
 back to the store; parts in flight keep the row alive until they settle. A lease that
 cannot be had (the backend is nearly full) falls back to a reservation of the blob's
 own for ``ttl`` seconds. Leases left by a crash are released by the janitor after
-``STALE_AFTER`` (``release_stale_reservations`` with ``OWNER_PREFIX``).
+``STALE_AFTER`` (``release_stale_reservations`` with ``OWNER_PREFIX``), and on SQLite
+(one process per file) when the pool opens.
 
 The bytes a live lease has not handed out are this instance's own free space:
 ``idle(backend)`` lets the pool view count them as free.
@@ -59,6 +60,8 @@ class _Lease:
     available: int
     """Bytes not yet handed out."""
     expires: float
+    timer: asyncio.TimerHandle | None = None
+    """Retires the lease when its ``ttl`` is up."""
     retired: bool = False
 
 
@@ -88,14 +91,8 @@ class QuotaLeases:
         self._by_id: dict[int, _Lease] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._no_lease_until: dict[str, float] = {}
-        self._timers: set[asyncio.TimerHandle] = set()
         self._retiring: set[asyncio.Task[None]] = set()
         self._closed = False
-
-    @property
-    def owner(self) -> str:
-        """The owner recorded on this instance's lease rows."""
-        return self._owner
 
     def idle(self, backend: str) -> int:
         """Bytes ``backend``'s live lease holds and has not handed out."""
@@ -142,9 +139,6 @@ class QuotaLeases:
     async def close(self) -> None:
         """Retire every lease (what they did not hand out goes back to the store)."""
         self._closed = True
-        for timer in self._timers:
-            timer.cancel()
-        self._timers.clear()
         for lease in list(self._live.values()):
             with contextlib.suppress(Exception):
                 await self._retire(lease)
@@ -182,22 +176,10 @@ class QuotaLeases:
             self._lease_bytes,
             self._monotonic() + self._ttl,
         )
+        lease.timer = asyncio.get_running_loop().call_later(self._ttl, self._start_retiring, lease)
         self._live[backend] = lease
         self._by_id[lease.reservation_id] = lease
-        self._schedule_retire(lease)
         return lease
-
-    def _schedule_retire(self, lease: _Lease) -> None:
-        loop = asyncio.get_running_loop()
-        holder: list[asyncio.TimerHandle] = []
-
-        def fire() -> None:
-            self._timers.discard(holder[0])
-            self._start_retiring(lease)
-
-        timer = loop.call_later(self._ttl, fire)
-        holder.append(timer)
-        self._timers.add(timer)
 
     def _start_retiring(self, lease: _Lease) -> None:
         if lease.retired or self._live.get(lease.backend) is not lease:
@@ -216,6 +198,8 @@ class QuotaLeases:
         if lease.retired:
             return
         lease.retired = True
+        if lease.timer is not None:
+            lease.timer.cancel()
         if self._live.get(lease.backend) is lease:
             del self._live[lease.backend]
         self._by_id.pop(lease.reservation_id, None)
