@@ -4,11 +4,13 @@ by a dead process are committed or reported. Part of ``appliance.services.files`
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
 from appliance.errors import NoSuchPath
+from appliance.meta.models import ObjectVersion
 from appliance.services.fileattrs import DEFAULT_FILE_MODE, decode, xattrs
 from appliance.services.filemeta import FileMeta
 from appliance.services.filetypes import OpenFile, Recovered
@@ -92,8 +94,14 @@ class FileRecovery(FileMeta):
 
     async def _recover_one(self, spool: Spool) -> Recovered:
         size = spool.size
+        original = spool.key  # the spool's key moves to where it is committed
         try:
             current = await self._store.get_current(spool.bucket, spool.key)
+            if current is not None and _already_committed(spool, current, self._chunk_size):
+                # the process died after the commit, before the spool was removed
+                spool.remove()
+                log.info("spool recovery: %s/%s was committed already", spool.bucket, spool.key)
+                return Recovered(spool.bucket, spool.key, spool.key, size, "committed already")
             base: ObjectHandle | None = None
             if spool.base_version is not None:
                 version = await self._store.get_version(spool.base_version)
@@ -134,23 +142,47 @@ class FileRecovery(FileMeta):
             log.warning(
                 "spool recovery: %s/%s (%d bytes) %s as %s",
                 spool.bucket,
-                spool.key,
+                original,
                 size,
                 detail,
                 key,
             )
-            return Recovered(spool.bucket, spool.key, key, size, detail)
+            return Recovered(spool.bucket, original, key, size, detail)
         except Exception as exc:
             log.error(
                 "spool recovery: %s/%s (%d bytes) could not be committed, kept in %s: %s",
                 spool.bucket,
-                spool.key,
+                original,
                 size,
                 spool.data_path,
                 exc,
             )
             spool.close()
-            return Recovered(spool.bucket, spool.key, None, size, f"kept: {exc}")
+            return Recovered(spool.bucket, original, None, size, f"kept: {exc}")
+
+
+_TIMES = frozenset({"mtime", "ctime", "atime"})
+"""Attributes a spool's journal may hold older values of than its commit (a write
+changes them in memory only)."""
+
+
+def _already_committed(spool: Spool, current: ObjectVersion, chunk_size: int) -> bool:
+    """Whether ``current`` is this spool's own commit: a version newer than the spool,
+    of one chunk at most, with its bytes (MD5) and its metadata apart from the times.
+    Committing the spool again would change nothing but the times."""
+    if current.version_id == spool.base_version or current.version_id <= spool.spool_id:
+        return False
+    if current.size != spool.size or spool.size > chunk_size:
+        return False
+    if any(seg.from_base for seg in spool.segments()):
+        return False
+    ours = {k: v for k, v in spool.meta.items() if k not in _TIMES}
+    theirs = {k: v for k, v in current.user_metadata.items() if k not in _TIMES}
+    if ours != theirs:
+        return False
+    md5 = hashlib.md5(usedforsecurity=False)
+    md5.update(spool.pread(0, spool.size))
+    return current.etag == md5.hexdigest()
 
 
 def _epoch() -> datetime:

@@ -290,6 +290,42 @@ async def test_recovery_sets_aside_when_the_key_changed(pool: Pool, files: FileS
     assert await read_all(pool, report[0].committed_as) == b"mine"
 
 
+async def test_recovery_drops_a_spool_whose_commit_landed(
+    pool: Pool, files: FileService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process died between a commit and the removal of its spool: the next mount
+    finds the version already there (same bytes, same attributes but the times) and
+    makes no second copy; a spool whose attributes differ is still set aside."""
+    from appliance.services.spool import Spool
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Spool, "remove", Spool.close)  # the spool outlives its commit
+        await write_file(files, "done.bin", b"committed bytes")
+        await write_file(files, "moded.bin", b"same bytes")
+    left = sorted(p.name for p in (tmp_path / "cairn-spool").iterdir())
+    assert len(left) == 2
+    # the second one's commit holds another mode than its spool's journal
+    await pool.objects.put_object(
+        BUCKET,
+        "moded.bin",
+        body(b"same bytes"),
+        size=10,
+        user_metadata={
+            **(await pool.objects.head_object(BUCKET, "moded.bin")).user_metadata,
+            "mode": str(stat.S_IFREG | 0o600),
+        },
+    )
+    report = await make_file_service(pool).recover()
+    outcome = {r.key: (r.committed_as, r.detail) for r in report}
+    assert outcome["done.bin"] == ("done.bin", "committed already")
+    aside = outcome["moded.bin"][0]
+    assert aside is not None and aside.startswith("moded.bin.cairn-recovered-")
+    assert await read_all(pool, aside) == b"same bytes"
+    listed = await pool.objects.list_objects(BUCKET)
+    assert sorted(e.key for e in listed.entries) == ["done.bin", "moded.bin", aside]
+    assert list((tmp_path / "cairn-spool").iterdir()) == []
+
+
 async def test_recovery_finishes_a_directory_rename_cut_short(
     pool: Pool, files: FileService, tmp_path: Path
 ) -> None:
