@@ -68,6 +68,7 @@ from appliance.services.sealing import SecretSealer
 from appliance.services.tombstones import Tombstones, TombstoneSweeper
 from appliance.services.workers import GcWorker, HealthChecker, Janitor
 from backends.base import Backend
+from backends.blobwriter import BlobWriter
 from backends.diskcache import DiskCache, DiskCacheBusy, DiskCachedBackend
 from backends.local import LocalBackend
 from backends.metering import MeteredBackend, Recorder
@@ -134,8 +135,11 @@ def prefix_secret(pool_secret: str) -> bytes:
     return hmac.new(material, b"cairn blob prefix", hashlib.sha256).digest()
 
 
-def make_backend(spec: BackendConfig, record: Recorder | None = None) -> Backend:
-    """Build one backend adapter: metered (when ``record`` is given), then retried."""
+def make_backend(
+    spec: BackendConfig, record: Recorder | None = None, writer: BlobWriter | None = None
+) -> Backend:
+    """Build one backend adapter: metered (when ``record`` is given), then retried.
+    ``writer`` makes the small puts of a local backend (see ``backends.blobwriter``)."""
     inner: Backend
     if isinstance(spec, S3BackendConfig):
         inner = S3Backend(
@@ -153,7 +157,7 @@ def make_backend(spec: BackendConfig, record: Recorder | None = None) -> Backend
         )
     elif isinstance(spec, LocalBackendConfig):
         spec.path.mkdir(parents=True, exist_ok=True)
-        inner = LocalBackend(spec.name, spec.path)
+        inner = LocalBackend(spec.name, spec.path, writer=writer)
     else:  # pragma: no cover - the config union has no other member
         raise TypeError(f"unknown backend type {type(spec).__name__}")
     if record is not None:
@@ -191,6 +195,8 @@ class Pool:
     """The memory cache (None when ``cache.max_size`` is 0)."""
     disk_cache: DiskCache | None = None
     """The disk cache under the backends (None unless ``cache.disk_dir`` is set)."""
+    blob_writer: BlobWriter | None = None
+    """The helper process of the local backends' small puts (None without one)."""
     keyring: KeyRing | None = None
     sweeper: TombstoneSweeper | None = None
     """Retires tombstones of deleted keys that hide nothing any more."""
@@ -210,7 +216,9 @@ class Pool:
         if self.keyring is not None:
             with contextlib.suppress(Exception):
                 await self.keyring.close()
-        await _release(self.store, self.cpu, self.backends.values(), self.disk_cache)
+        await _release(
+            self.store, self.cpu, self.backends.values(), self.disk_cache, self.blob_writer
+        )
 
     def log_cache_stats(self) -> None:
         """Log the caches' counters (at INFO), e.g. when the daemon stops."""
@@ -249,10 +257,14 @@ async def _release(
     cpu: CpuPool,
     backends: Iterable[Backend],
     disk_cache: DiskCache | None = None,
+    writer: BlobWriter | None = None,
 ) -> None:
     for backend in backends:
         with contextlib.suppress(Exception):
             await backend.close()
+    if writer is not None:
+        with contextlib.suppress(Exception):
+            await writer.close()
     if disk_cache is not None:
         with contextlib.suppress(Exception):
             await disk_cache.close()
@@ -349,6 +361,9 @@ async def open_pool(
     backends: dict[str, Backend] = {}
     disk: DiskCache | None = None
     keyring: KeyRing | None = None
+    writer = (
+        BlobWriter() if any(isinstance(b, LocalBackendConfig) for b in config.backends) else None
+    )
     try:
         pool_secret = await _pool_secret(store)
         sealer = SecretSealer(pool_secret)
@@ -365,7 +380,7 @@ async def open_pool(
         await meter.reload()
         disk = await open_disk_cache(config.cache)
         for spec in config.backends:
-            backend = make_backend(spec, meter.record)
+            backend = make_backend(spec, meter.record, writer)
             if wrap_backend:
                 backend = wrap_backend(backend)
             # outermost: a disk-cache hit makes no backend call and counts no usage
@@ -442,6 +457,7 @@ async def open_pool(
             bucket_config=bucket_config,
             cache=chunks if isinstance(chunks, CachingChunkStore) else None,
             disk_cache=disk,
+            blob_writer=writer,
             keys=KeyService(store, encrypting, objects),
             encrypting=encrypting,
             keyring=keyring,
@@ -453,7 +469,7 @@ async def open_pool(
         if keyring is not None:
             with contextlib.suppress(Exception):
                 await keyring.close()
-        await _release(store, cpu, backends.values(), disk)
+        await _release(store, cpu, backends.values(), disk, writer)
         raise
 
 

@@ -17,7 +17,8 @@ Layout: key ``a/b/c`` is the file ``<root>/a/b/c``. Consequences worth knowing:
 
 Blocking file I/O runs in worker threads (``asyncio.to_thread``), one call per piece
 of at most ``READ_PIECE_SIZE`` bytes for reads, so the event loop is never blocked
-on the disk.
+on the disk. Given a ``BlobWriter``, puts of buffers up to its ``max_bytes`` are made by
+its helper process instead (see ``backends.blobwriter``).
 
 Also home of :func:`validate_key`, the portable key rules every backend applies.
 """
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from backends.base import BlobBody, BlobInfo, BlobStream, ByteRange, Capabilities
+from backends.blobwriter import BlobWriter
 from backends.errors import (
     BackendError,
     BackendFull,
@@ -240,13 +242,17 @@ class LocalBackend:
     """Blobs as files under ``root`` (which must exist); see the module docstring.
 
     ``fsync=False`` skips file and directory fsyncs: faster, but a power loss may lose
-    recent writes (renames stay atomic).
+    recent writes (renames stay atomic). ``writer`` (shared, closed by its owner) makes
+    the puts of small buffers.
     """
 
-    def __init__(self, name: str, root: Path, *, fsync: bool = True) -> None:
+    def __init__(
+        self, name: str, root: Path, *, fsync: bool = True, writer: BlobWriter | None = None
+    ) -> None:
         self._name = name
         self._root = os.path.realpath(root)
         self._fsync = fsync
+        self._writer = writer
         self._closed = False
         self._capabilities = Capabilities(max_key_length=MAX_KEY_BYTES)
 
@@ -261,6 +267,11 @@ class LocalBackend:
     @property
     def root(self) -> Path:
         return Path(self._root)
+
+    @property
+    def writer(self) -> BlobWriter | None:
+        """The helper that makes small puts (owned by whoever passed it)."""
+        return self._writer
 
     # -- keys and paths ------------------------------------------------------------
 
@@ -346,21 +357,10 @@ class LocalBackend:
         """The whole put of a buffer in one worker-thread call: thread hops cost more
         than the syscalls of a small blob. Cancelled before its fsync, the thread
         discards the temp file; after it, the put completes."""
+        if self._writer is not None and len(view) <= self._writer.max_bytes:
+            return await self._put_by_writer(self._writer, path, view, key)
         cancelled = threading.Event()
-
-        def run() -> os.stat_result:
-            tmp, changed = self._create_temp(path)
-            try:
-                if len(view):
-                    _write_all(tmp.fd, view)
-                if cancelled.is_set():
-                    raise asyncio.CancelledError
-                return self._commit(tmp, path, changed)
-            except BaseException:
-                self._discard(tmp, path)
-                raise
-
-        fut = asyncio.ensure_future(asyncio.to_thread(run))
+        fut = asyncio.ensure_future(asyncio.to_thread(self.write_file, path, view, cancelled))
         try:
             st = await asyncio.shield(fut)
         except asyncio.CancelledError:
@@ -370,6 +370,42 @@ class LocalBackend:
         except OSError as exc:
             raise _map_oserror(exc, backend=self._name, key=key, writing=True) from exc
         return BlobInfo(key=key, size=st.st_size, modified=_mtime(st))
+
+    async def _put_by_writer(
+        self, writer: BlobWriter, path: str, view: memoryview, key: str
+    ) -> BlobInfo:
+        """The put of a small buffer by the writer's helper process. Cancelled, it waits
+        for the helper's answer first: nothing lands after the call has ended."""
+        put = writer.put(self._name, self._root, path, view, fsync=self._fsync)
+        fut = asyncio.ensure_future(put)
+        try:
+            size, mtime = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            with contextlib.suppress(BaseException):
+                await fut
+            raise
+        except OSError as exc:
+            raise _map_oserror(exc, backend=self._name, key=key, writing=True) from exc
+        return BlobInfo(key=key, size=size, modified=datetime.fromtimestamp(mtime, tz=UTC))
+
+    def write_file(
+        self, path: str, data: bytes | memoryview, cancelled: threading.Event | None = None
+    ) -> os.stat_result:
+        """Blocking: the whole put of a buffer at ``path`` (from ``_path``): directories,
+        temporary file, data, fsync, rename, directory fsyncs. Raises ``OSError``,
+        ``InvalidBlobKey``, ``PermanentBackendError``; on any failure, and when
+        ``cancelled`` is set before the fsync (``CancelledError``), the temporary file is
+        removed."""
+        tmp, changed = self._create_temp(path)
+        try:
+            if len(data):
+                _write_all(tmp.fd, data)
+            if cancelled is not None and cancelled.is_set():
+                raise asyncio.CancelledError
+            return self._commit(tmp, path, changed)
+        except BaseException:
+            self._discard(tmp, path)
+            raise
 
     async def _on_temp(self, tmp: _TempFile, fn: Callable[[], _T], key: str) -> _T:
         """Run ``fn`` (which uses ``tmp``) in a thread; on cancellation the thread keeps

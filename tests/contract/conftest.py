@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from backends.base import Backend
+from backends.blobwriter import BlobWriter
 from backends.diskcache import DiskCache, DiskCachedBackend
 from backends.local import LocalBackend
 from backends.memory import MemoryBackend
@@ -15,8 +16,9 @@ from tests.fixtures_moto import MotoS3, make_s3_backend, moto_s3
 
 __all__ = ["moto_s3"]
 
-BACKEND_KINDS = ["memory", "local", "s3", "s3-prefixed", "local-diskcached"]
-"""``local-diskcached``: a local backend behind the disk cache, which must keep the contract."""
+BACKEND_KINDS = ["memory", "local", "local-writer", "s3", "s3-prefixed", "local-diskcached"]
+"""``local-writer``: a local backend whose small puts a ``BlobWriter`` process makes;
+``local-diskcached``: a local backend behind the disk cache, which must keep the contract."""
 
 
 BackendFactory = Callable[[str], Backend]
@@ -38,6 +40,8 @@ def make_backend(request: pytest.FixtureRequest, local_root: Path) -> BackendFac
             return MemoryBackend("mem")
         if kind == "local":
             return LocalBackend("local", local_root, fsync=True)
+        if kind == "local-writer":
+            return LocalBackend("local", local_root, fsync=True, writer=BlobWriter())
         if kind == "local-diskcached":
             cache = DiskCache(local_root.parent / "diskcache", 64 * 1024**2)
             return DiskCachedBackend(LocalBackend("local", local_root, fsync=True), cache)
@@ -64,5 +68,7 @@ async def backend(
         yield b
     finally:
         await b.close()
+        if isinstance(b, LocalBackend) and b.writer is not None:
+            await b.writer.close()
         if isinstance(b, DiskCachedBackend):
             await b.cache.close()

@@ -9,6 +9,8 @@ import errno
 import hashlib
 import os
 import random
+import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
 from backends.base import Backend, BlobInfo, BlobStream, ByteRange
+from backends.blobwriter import BlobWriter
 from backends.errors import (
     BackendFull,
     BlobNotFound,
@@ -385,6 +388,25 @@ async def test_capabilities(make_backend: BackendFactory) -> None:
 # -- local backend specifics -----------------------------------------------------------
 
 
+MakeLocal = Callable[[Path], LocalBackend]
+
+
+@pytest.fixture(params=["threads", "writer"])
+async def make_local(request: pytest.FixtureRequest) -> AsyncIterator[MakeLocal]:
+    """Local backends whose small puts run in worker threads, or in a ``BlobWriter``."""
+    writers: list[BlobWriter] = []
+
+    def build(root: Path) -> LocalBackend:
+        if request.param == "threads":
+            return LocalBackend("local", root)
+        writers.append(BlobWriter())
+        return LocalBackend("local", root, writer=writers[-1])
+
+    yield build
+    for writer in writers:
+        await writer.close()
+
+
 def entries(directory: Path) -> list[str]:
     return sorted(os.listdir(directory))
 
@@ -393,8 +415,8 @@ def files_under(root: Path) -> list[str]:
     return sorted(str(Path(d, f).relative_to(root)) for d, _, fs in os.walk(root) for f in fs)
 
 
-async def test_local_layout_and_cleanup(local_root: Path) -> None:
-    b = LocalBackend("local", local_root)
+async def test_local_layout_and_cleanup(local_root: Path, make_local: MakeLocal) -> None:
+    b = make_local(local_root)
     await b.put("a/b/c/d", b"data", size=4)
     assert (local_root / "a/b/c/d").read_bytes() == b"data"
     with pytest.raises(TransientBackendError):
@@ -455,8 +477,8 @@ async def test_local_skips_temp_files_and_foreign_entries(local_root: Path) -> N
     assert await list_keys(b) == ["d/k"]
 
 
-async def test_local_key_conflicts_with_directory(local_root: Path) -> None:
-    b = LocalBackend("local", local_root)
+async def test_local_key_conflicts_with_directory(local_root: Path, make_local: MakeLocal) -> None:
+    b = make_local(local_root)
     await b.put("a", b"file", size=4)
     with pytest.raises(PermanentBackendError):
         await b.put("a/b", b"x", size=1)
@@ -469,13 +491,15 @@ async def test_local_key_conflicts_with_directory(local_root: Path) -> None:
     assert await list_keys(b) == ["a", "d/e"]
 
 
-async def test_local_symlinks_are_not_followed(local_root: Path, tmp_path: Path) -> None:
+async def test_local_symlinks_are_not_followed(
+    local_root: Path, tmp_path: Path, make_local: MakeLocal
+) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "secret").write_bytes(b"secret")
     (local_root / "link").symlink_to(outside, target_is_directory=True)
     (local_root / "filelink").symlink_to(outside / "secret")
-    b = LocalBackend("local", local_root)
+    b = make_local(local_root)
 
     with pytest.raises(InvalidBlobKey):
         await b.get("link/secret")
@@ -493,24 +517,26 @@ async def test_local_symlinks_are_not_followed(local_root: Path, tmp_path: Path)
     assert await list_keys(b, "link/") == []
 
 
-async def test_local_root_symlink_is_fine(tmp_path: Path, local_root: Path) -> None:
+async def test_local_root_symlink_is_fine(
+    tmp_path: Path, local_root: Path, make_local: MakeLocal
+) -> None:
     alias = tmp_path / "alias"
     alias.symlink_to(local_root, target_is_directory=True)
-    b = LocalBackend("local", alias)
+    b = make_local(alias)
     await b.put("k/v", b"x", size=1)
     assert (local_root / "k/v").read_bytes() == b"x"
     assert await list_keys(b) == ["k/v"]
 
 
-async def test_local_rejects_overlong_segment(local_root: Path) -> None:
-    b = LocalBackend("local", local_root)
+async def test_local_rejects_overlong_segment(local_root: Path, make_local: MakeLocal) -> None:
+    b = make_local(local_root)
     with pytest.raises(InvalidBlobKey):
         await b.put("a/" + "n" * 256, b"x", size=1)
     await b.put("a/" + "n" * 255, b"x", size=1)
 
 
-async def test_local_missing_root_is_permanent(tmp_path: Path) -> None:
-    b = LocalBackend("local", tmp_path / "not-mounted")
+async def test_local_missing_root_is_permanent(tmp_path: Path, make_local: MakeLocal) -> None:
+    b = make_local(tmp_path / "not-mounted")
     with pytest.raises(PermanentBackendError) as info:
         await b.put("k", b"x", size=1)
     assert not isinstance(info.value, BlobNotFound)
@@ -553,6 +579,125 @@ async def test_local_list_skips_directories_it_does_not_need(
     assert await list_keys(b, start_after="a~", page_size=1) == ["b/1", "b/2", "c/1"]
     with pytest.raises(PermanentBackendError):
         await list_keys(b)
+
+
+async def test_writer_cancelled_puts_land_whole_or_not_and_never_later(local_root: Path) -> None:
+    writer = BlobWriter()
+    b = LocalBackend("local", local_root, writer=writer)
+    try:
+        data = blob(200_000, seed=3)
+        outcomes: dict[str, bool] = {}
+        for i, delay in enumerate([0, 0.0002, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.05] * 3):
+            key = f"cancel/{i}"
+            task = asyncio.create_task(b.put(key, data, size=len(data)))
+            await asyncio.sleep(delay)
+            task.cancel()
+            try:
+                await task
+                outcomes[key] = True
+            except asyncio.CancelledError:
+                outcomes[key] = False
+        present = files_under(local_root)
+        await asyncio.sleep(0.3)
+        assert files_under(local_root) == present, "nothing lands after the cancelled put ended"
+        assert not [f for f in present if TEMP_PREFIX in f]
+        assert {k for k, done in outcomes.items() if done} <= set(present)
+        for key in present:
+            assert await get_bytes(b, key) == data
+    finally:
+        await writer.close()
+
+
+async def test_writer_process_killed_fails_puts_transiently_then_restarts(
+    local_root: Path,
+) -> None:
+    writer = BlobWriter()
+    b = LocalBackend("local", local_root, writer=writer)
+    try:
+        await b.put("first", b"1", size=1)
+        first_pid = writer.pid
+        assert first_pid is not None
+        data = blob(100_000, seed=4)
+        puts = [asyncio.create_task(b.put(f"k/{i}", data, size=len(data))) for i in range(30)]
+        await asyncio.sleep(0.002)
+        os.kill(first_pid, signal.SIGKILL)
+        results = await asyncio.gather(*puts, return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        assert all(isinstance(r, TransientBackendError) for r in failed), failed
+        for i, r in enumerate(results):
+            if not isinstance(r, BaseException):
+                assert await get_bytes(b, f"k/{i}") == data
+        await b.put("after", b"2", size=1)  # a new helper takes over
+        assert writer.pid not in (None, first_pid)
+        assert await get_bytes(b, "after") == b"2"
+    finally:
+        await writer.close()
+    assert writer.pid is None
+
+
+async def test_closed_writer_refuses_puts(local_root: Path) -> None:
+    writer = BlobWriter()
+    b = LocalBackend("local", local_root, writer=writer)
+    await b.put("k", b"v", size=1)
+    await writer.close()
+    await writer.close()
+    with pytest.raises(PermanentBackendError):
+        await b.put("k2", b"v", size=1)
+    big = blob(2 * MiB)
+    await b.put("big", big, size=len(big))  # larger buffers never used the writer
+    assert files_under(local_root) == ["big", "k"]
+
+
+def _process_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+
+async def test_writer_ends_with_the_process_that_started_it(local_root: Path) -> None:
+    # the parent dies with puts in flight and replies unread (its helper's reads then
+    # fail with ECONNRESET): the helper ends quietly and every blob is whole or absent
+    script = (
+        "import asyncio, os, sys\n"
+        "from pathlib import Path\n"
+        "from backends.blobwriter import BlobWriter\n"
+        "from backends.local import LocalBackend\n"
+        "async def main():\n"
+        "    w = BlobWriter()\n"
+        "    b = LocalBackend('l', Path(sys.argv[1]), writer=w)\n"
+        "    await b.put('k', b'v', size=1)\n"
+        "    print(w.pid, flush=True)\n"
+        "    data = bytes(100_000)\n"
+        "    puts = [asyncio.ensure_future(b.put(f'x/{i}', data, size=len(data)))\n"
+        "            for i in range(100)]\n"
+        "    await asyncio.sleep(0.02)\n"
+        "    os.kill(os.getpid(), 9)\n"
+        "asyncio.run(main())\n"
+    )
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        script,
+        str(local_root),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert parent.stdout is not None and parent.stderr is not None
+    helper = int(await asyncio.wait_for(parent.stdout.readline(), 30))
+    await parent.wait()
+    for _ in range(100):
+        if _process_state(helper) in ("gone", "Z"):  # a zombie when no init reaps it
+            break
+        await asyncio.sleep(0.05)
+    else:
+        os.kill(helper, signal.SIGKILL)
+        pytest.fail("the blob writer outlived its parent")
+    errors = (await asyncio.wait_for(parent.stderr.read(), 30)).decode()
+    assert "Traceback" not in errors, errors
+    assert (local_root / "k").read_bytes() == b"v"
+    for key in await list_keys(LocalBackend("l", local_root), "x/"):
+        assert (local_root / key).read_bytes() == bytes(100_000)
 
 
 # -- S3 backend specifics ----------------------------------------------------------------
