@@ -445,20 +445,25 @@ async def test_local_cancelled_put_leaves_nothing(local_root: Path) -> None:
     assert files_under(local_root) == []
 
 
-async def test_local_put_cancelled_at_any_moment_leaves_no_debris(local_root: Path) -> None:
-    b = LocalBackend("local", local_root)
-    data = blob(6 * MiB, seed=11)
+async def put_and_cancel(b: Backend, data: bytes, delays: list[float]) -> set[str]:
+    """Start a put of ``data`` at ``cancel/<i>`` and cancel it after each delay; return
+    the keys whose put completed all the same."""
     completed: set[str] = set()
-    for i, delay in enumerate([0, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.05]):
+    for i, delay in enumerate(delays):
         key = f"cancel/{i}"
         task = asyncio.create_task(b.put(key, data, size=len(data)))
         await asyncio.sleep(delay)
         task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await task
             completed.add(key)
-        except asyncio.CancelledError:
-            pass
+    return completed
+
+
+async def test_local_put_cancelled_at_any_moment_leaves_no_debris(local_root: Path) -> None:
+    b = LocalBackend("local", local_root)
+    data = blob(6 * MiB, seed=11)
+    completed = await put_and_cancel(b, data, [0, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.05])
     await asyncio.sleep(0.3)  # cleanups wait for the writer threads they raced with
     present = files_under(local_root)
     assert not [f for f in present if TEMP_PREFIX in f], "no temporary files remain"
@@ -586,22 +591,13 @@ async def test_writer_cancelled_puts_land_whole_or_not_and_never_later(local_roo
     b = LocalBackend("local", local_root, writer=writer)
     try:
         data = blob(200_000, seed=3)
-        outcomes: dict[str, bool] = {}
-        for i, delay in enumerate([0, 0.0002, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.05] * 3):
-            key = f"cancel/{i}"
-            task = asyncio.create_task(b.put(key, data, size=len(data)))
-            await asyncio.sleep(delay)
-            task.cancel()
-            try:
-                await task
-                outcomes[key] = True
-            except asyncio.CancelledError:
-                outcomes[key] = False
+        delays = [0, 0.0002, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.05] * 3
+        completed = await put_and_cancel(b, data, delays)
         present = files_under(local_root)
         await asyncio.sleep(0.3)
         assert files_under(local_root) == present, "nothing lands after the cancelled put ended"
         assert not [f for f in present if TEMP_PREFIX in f]
-        assert {k for k, done in outcomes.items() if done} <= set(present)
+        assert completed <= set(present)
         for key in present:
             assert await get_bytes(b, key) == data
     finally:
