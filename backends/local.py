@@ -311,7 +311,8 @@ class LocalBackend:
         """Write the blob atomically (temp file, fsync, rename, fsync directory).
 
         A buffer is written in one worker-thread call (directories, temp file, data,
-        fsync, rename); a stream takes one call per piece.
+        fsync, rename), or by the writer's helper process if it is small enough; a stream
+        takes one call per piece.
 
         Raises ``PermanentBackendError`` when a buffer's length differs from ``size`` or
         a stream yields too many bytes, ``TransientBackendError`` when a stream ends
