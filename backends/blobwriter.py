@@ -35,7 +35,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import BinaryIO, cast
 
 from backends.errors import (
     BackendError,
@@ -154,6 +154,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, sock: socket.socket, pid: int) -> None:
         self._pid = pid
+        self._sock = sock
         self._waiting: dict[int, tuple[asyncio.Future[tuple[int, float]], str]] = {}
         self._next_id = 1
         self._buf = bytearray()
@@ -217,10 +218,19 @@ class _Connection(asyncio.Protocol):
                 )
 
     def close(self) -> None:
+        """Close the socket (once the connection is made, if it is still being made)."""
+        if self._ready.done():
+            self._close_now()
+        else:
+            self._ready.add_done_callback(lambda _: self._close_now())
+
+    def _close_now(self) -> None:
         if self._transport is not None:
             self._transport.close()
-        else:
-            self._ready.add_done_callback(lambda f: None if f.cancelled() else self.close())
+        else:  # the connection was never made
+            if not self._ready.cancelled():
+                self._ready.exception()  # seen: no "never retrieved" warning
+            self._sock.close()
 
 
 # -- the helper process ---------------------------------------------------------------
@@ -291,9 +301,5 @@ def _requests(reader: BinaryIO) -> Iterator[tuple[int, int, str, str, str, bytes
         yield rid, flags, name, root, path, data
 
 
-def _main(argv: list[str]) -> Any:
-    serve(int(argv[1]), int(argv[2]))
-
-
 if __name__ == "__main__":
-    _main(sys.argv)
+    serve(int(sys.argv[1]), int(sys.argv[2]))

@@ -644,6 +644,22 @@ async def test_closed_writer_refuses_puts(local_root: Path) -> None:
     assert files_under(local_root) == ["big", "k"]
 
 
+async def test_writer_closed_while_its_helper_starts(local_root: Path) -> None:
+    writer = BlobWriter()
+    b = LocalBackend("local", local_root, writer=writer)
+    put = asyncio.create_task(b.put("k", b"v", size=1))
+    await asyncio.sleep(0)  # the put has started the helper; its socket is not connected yet
+    await asyncio.wait_for(writer.close(), 30)
+    # it ends, landed or failed as transient (the socket closed before the answer)
+    outcome = (await asyncio.wait((put,), timeout=30))[0]
+    assert outcome, "the put still waits on a closed writer"
+    if put.exception() is None:
+        assert (local_root / "k").read_bytes() == b"v"
+    else:
+        assert isinstance(put.exception(), TransientBackendError), put.exception()
+    assert writer.pid is None
+
+
 def _process_state(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
